@@ -1,0 +1,269 @@
+"""Settings: one TOML file, validated at start-up into typed dataclasses.
+
+Where the file comes from: `--config PATH`, else `$EASEL_CONFIG`, else `./easel.toml`, else the
+built-in defaults. Relative paths in the file are relative to the file's folder (to the current
+folder when there is no file). An unknown key, a wrong type or an impossible value raises
+ConfigError with one line that names the key and the file.
+
+Secrets are never in the file: it names the environment variable that holds each one.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A bad setting; the message is one line that names the key and the file."""
+
+
+class _Invalid(ValueError):
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise _Invalid(key, message)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x768' -> (512, 768)."""
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"{text!r} is not a size like 512x512")
+    w, h = (int(p) for p in parts)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"{text!r} is not a size like 512x512")
+    return w, h
+
+
+@dataclass
+class StorageSettings:
+    database: str = "data/easel.db"
+    images_dir: str = "data/images"
+    # The address at which `easel serve` (or `easel run`) is reachable; image URLs are built on it.
+    public_url: str = "http://127.0.0.1:8080"
+
+    def validate(self) -> None:
+        _check(self.public_url.startswith(("http://", "https://")), "public_url", "must start with http:// or https://")
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    def validate(self) -> None:
+        _check(0 < self.port < 65536, "port", "must be 1-65535")
+
+
+@dataclass
+class GenerationSettings:
+    default_model: str = "tiny"
+    default_size: str = "512x512"
+    max_prompt_chars: int = 2000
+    default_strength: float = 0.6  # variations: how far from the source (0 keeps it, 1 ignores it)
+    upscale_factor: int = 2
+    job_timeout_s: float = 600.0
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_pixels: int = 40_000_000
+
+    def validate(self) -> None:
+        try:
+            parse_size(self.default_size)
+        except ValueError as exc:
+            raise _Invalid("default_size", str(exc)) from None
+        _check(1 <= self.max_prompt_chars <= 100_000, "max_prompt_chars", "must be 1-100000")
+        _check(0.0 < self.default_strength <= 1.0, "default_strength", "must be in (0, 1]")
+        _check(self.upscale_factor in (2, 4), "upscale_factor", "must be 2 or 4")
+        _check(self.job_timeout_s > 0, "job_timeout_s", "must be positive")
+        _check(self.max_upload_bytes > 0 and self.max_upload_pixels > 0, "max_upload_bytes",
+               "and max_upload_pixels must be positive")
+
+
+@dataclass
+class QueueSettings:
+    max_jobs_per_user: int = 2  # queued or running; more are refused, not queued forever
+
+    def validate(self) -> None:
+        _check(self.max_jobs_per_user >= 1, "max_jobs_per_user", "must be at least 1")
+
+
+@dataclass
+class BudgetSettings:
+    default_allowance_usd: float = 1.0  # what a new user's balance starts at
+
+    def validate(self) -> None:
+        _check(self.default_allowance_usd >= 0, "default_allowance_usd", "cannot be negative")
+
+
+@dataclass
+class PromptRuleSettings:
+    terms: list[str] = field(default_factory=list)
+    allow_in_nsfw_channels: bool = False
+
+
+@dataclass
+class ModerationSettings:
+    image_classifier: str = "nudenet"  # "nudenet", or "none" to turn image screening off
+    nsfw_threshold: float = 0.5
+    nsfw_channels: str = "allow"  # age-restricted channels: "allow" nudity there, or "block" everywhere
+    blocked_outputs_are_paid: bool = False
+    # None: the built-in rules (moderation.DEFAULT_PROMPT_RULES). A table replaces them.
+    prompt_rules: dict[str, PromptRuleSettings] | None = None
+
+    def validate(self) -> None:
+        _check(self.image_classifier in ("nudenet", "none"), "image_classifier", 'must be "nudenet" or "none"')
+        _check(0.0 < self.nsfw_threshold < 1.0, "nsfw_threshold", "must be between 0 and 1")
+        _check(self.nsfw_channels in ("allow", "block"), "nsfw_channels", 'must be "allow" or "block"')
+
+
+@dataclass
+class LocalGeneratorSettings:
+    enabled: bool = True
+    # name -> source: "tiny" (a small random-weight model built offline), a folder, or a hub id.
+    models: dict[str, str] = field(default_factory=lambda: {"tiny": "tiny"})
+    device: str = "auto"  # auto, cuda, mps, cpu
+    dtype: str = "auto"  # auto, float16, bfloat16, float32
+    steps: int = 4
+    guidance: float = 0.0
+    max_concurrent: int = 1
+    price_per_second_usd: float = 0.001  # what a second of this machine's time costs a user
+    upscaler: str = ""  # a diffusers upscaler folder or id; empty: Lanczos resampling, labelled
+
+    def validate(self) -> None:
+        _check(bool(self.models), "models", "cannot be empty")
+        _check(self.device in ("auto", "cuda", "mps", "cpu"), "device", "must be auto, cuda, mps or cpu")
+        _check(self.dtype in ("auto", "float16", "bfloat16", "float32"), "dtype",
+               "must be auto, float16, bfloat16 or float32")
+        _check(1 <= self.steps <= 200, "steps", "must be 1-200")
+        _check(self.max_concurrent >= 1, "max_concurrent", "must be at least 1")
+        _check(self.price_per_second_usd >= 0, "price_per_second_usd", "cannot be negative")
+
+
+@dataclass
+class GeneratorsSettings:
+    local: LocalGeneratorSettings = field(default_factory=LocalGeneratorSettings)
+
+
+@dataclass
+class Settings:
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    moderation: ModerationSettings = field(default_factory=ModerationSettings)
+    generators: GeneratorsSettings = field(default_factory=GeneratorsSettings)
+    # Where the settings came from (None: built-in defaults) and what relative paths resolve to.
+    source: Path | None = field(default=None, metadata={"internal": True})
+    base_dir: Path = field(default_factory=Path.cwd, metadata={"internal": True})
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+
+def find_config(explicit: str | None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("EASEL_CONFIG"):
+        return Path(os.environ["EASEL_CONFIG"])
+    default = Path("easel.toml")
+    return default if default.exists() else None
+
+
+def load_settings(explicit: str | None = None) -> Settings:
+    path = find_config(explicit)
+    if path is None:
+        return Settings()
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot read config file ({exc.__class__.__name__})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML ({exc})") from None
+    settings = settings_from_dict(data, where=where)
+    settings.source = path
+    settings.base_dir = path.resolve().parent
+    return settings
+
+
+def settings_from_dict(data: dict[str, Any], *, where: str = "config") -> Settings:
+    return _build(Settings, data, "", where)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    if origin is dict:
+        return "a table"
+    if is_dataclass(tp):
+        return "a table"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(options[0], value, key, where)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a table")
+        return _build(tp, value, key + ".", where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be {_type_name(tp)}")
+        return [_convert(item, v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a table")
+        return {k: _convert(item, v, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, not {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
+        kwargs[key] = _convert(hints[key], value, prefix + key, where)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except _Invalid as exc:
+            raise ConfigError(f"{where}: '{prefix}{exc.key}' {exc}") from None
+    return obj
+
+
+# Keep dataclass defaults honest: every field must have one, so that an empty file is valid.
+assert all(f.default is not MISSING or f.default_factory is not MISSING for f in fields(Settings))

@@ -1,0 +1,94 @@
+"""Decoding and checking image bytes that come from outside (providers, users, generators).
+
+Every check happens before a full decode where possible, so that a decompression bomb or an HTML
+error page costs almost nothing.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageStat, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 MP: 8192x8192, far above any model's output
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+
+
+class ImageRejected(ValueError):
+    """The bytes are not an acceptable image; the message says why, for the user."""
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    image: Image.Image  # fully decoded, RGB or RGBA
+    format: str
+    width: int
+    height: int
+
+
+def _describe(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "an HTML page, not an image"
+    if head.startswith((b"{", b"[")):
+        return "JSON, not an image"
+    return "not an image in a known format"
+
+
+def decode_image(
+    data: bytes,
+    *,
+    expected_size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reject_blank: bool = False,
+) -> CheckedImage:
+    """Decode `data` fully and check it; raise ImageRejected with a clear reason otherwise."""
+    if not data:
+        raise ImageRejected("the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format or "?"
+            if fmt not in ACCEPTED_FORMATS:
+                raise ImageRejected(f"image format {fmt} is not accepted")
+            w, h = img.size
+            # Checked on the header, before pixels are decoded: a bomb never gets allocated.
+            if w * h > max_pixels:
+                raise ImageRejected(
+                    f"the image is {w}x{h} ({w * h} pixels), over the limit of {max_pixels}"
+                )
+            img.load()
+    except ImageRejected:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageRejected(f"the data is {_describe(data)}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        # PIL reports truncated or corrupt streams as OSError / SyntaxError.
+        raise ImageRejected(f"the image is corrupt or truncated ({exc})") from None
+    if expected_size is not None and (w, h) != tuple(expected_size):
+        raise ImageRejected(
+            f"the image is {w}x{h}, but {expected_size[0]}x{expected_size[1]} was asked for"
+        )
+    if img.mode not in ("RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
+    if reject_blank:
+        extrema = ImageStat.Stat(img.convert("RGB")).extrema
+        if all(lo == hi for lo, hi in extrema):
+            raise ImageRejected("the image is blank (a single colour)")
+    return CheckedImage(image=img, format=fmt, width=w, height=h)
+
+
+def encode_png(img: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    """PNG bytes for `img`, deterministic for the same pixels and text."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info, optimize=False)
+    return buf.getvalue()

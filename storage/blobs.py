@@ -1,0 +1,65 @@
+"""A content-addressed blob store on the local disk: each image lives under its sha256."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    key: str  # sha256 of the bytes, hex
+    path: Path
+    url: str
+    size: int
+
+
+def is_key(key: str) -> bool:
+    return bool(_KEY.match(key))
+
+
+class LocalBlobStore:
+    """Files at `root/ab/<sha256>.png`, served by `easel serve` at `<public_url>/images/<sha256>.png`."""
+
+    def __init__(self, root: str | Path, public_url: str):
+        self.root = Path(root)
+        self.public_url = public_url.rstrip("/")
+
+    def path_for(self, key: str, ext: str = "png") -> Path:
+        if not is_key(key):
+            raise ValueError(f"not a blob key: {key!r}")
+        return self.root / key[:2] / f"{key}.{ext}"
+
+    def url_for(self, key: str, ext: str = "png") -> str:
+        return f"{self.public_url}/images/{key}.{ext}"
+
+    def put(self, data: bytes, ext: str = "png") -> StoredBlob:
+        """Store `data` (idempotent: the same bytes land at the same key once)."""
+        key = hashlib.sha256(data).hexdigest()
+        path = self.path_for(key, ext)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename, so a crash never leaves a half-written image under its key.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return StoredBlob(key=key, path=path, url=self.url_for(key, ext), size=len(data))
+
+    def get(self, key: str, ext: str = "png") -> bytes:
+        return self.path_for(key, ext).read_bytes()
+
+    def exists(self, key: str, ext: str = "png") -> bool:
+        return self.path_for(key, ext).exists()

@@ -1,0 +1,175 @@
+"""The SQLite database: one file, WAL mode, schema created and migrated on open.
+
+Every write that must be atomic goes through `Database.transaction()`, which takes SQLite's write
+lock up front (BEGIN IMMEDIATE), so that a check-then-update can never interleave with another
+writer, in this process or another.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import sqlite_utils
+
+# Each entry migrates the schema from version i to i+1. Append only; never edit a released one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        guild_id TEXT,
+        channel_id TEXT,
+        nsfw_channel INTEGER NOT NULL DEFAULT 0,
+        prompt TEXT NOT NULL DEFAULT '',
+        negative_prompt TEXT,
+        seed INTEGER,
+        model TEXT,
+        provider TEXT,
+        width INTEGER,
+        height INTEGER,
+        steps INTEGER,
+        guidance REAL,
+        strength REAL,
+        source_job_id INTEGER,
+        options TEXT NOT NULL DEFAULT '{}',
+        estimate_micros INTEGER NOT NULL DEFAULT 0,
+        cost_micros INTEGER NOT NULL DEFAULT 0,
+        sha256 TEXT,
+        image_url TEXT,
+        revised_prompt TEXT,
+        note TEXT,
+        error TEXT,
+        error_code TEXT,
+        timings TEXT NOT NULL DEFAULT '{}',
+        message_id TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL
+    );
+    CREATE INDEX jobs_user ON jobs(user_id, id);
+    CREATE INDEX jobs_status ON jobs(status);
+    CREATE INDEX jobs_sha256 ON jobs(sha256);
+    CREATE INDEX jobs_message ON jobs(message_id);
+    CREATE TABLE accounts (
+        user_id TEXT PRIMARY KEY,
+        balance_micros INTEGER NOT NULL,
+        reserved_micros INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE reservations (
+        job_id INTEGER PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        amount_micros INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        charged_micros INTEGER,
+        created_at REAL NOT NULL,
+        closed_at REAL
+    );
+    CREATE INDEX reservations_state ON reservations(state);
+    CREATE TABLE ledger_entries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id TEXT NOT NULL,
+        job_id INTEGER,
+        kind TEXT NOT NULL,
+        amount_micros INTEGER NOT NULL,
+        balance_after_micros INTEGER NOT NULL,
+        actor TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX ledger_user ON ledger_entries(user_id, id);
+    """,
+]
+
+JOB_STATES = ("queued", "running", "done", "failed", "blocked", "cancelled", "refused")
+
+
+class Database:
+    """A thread-safe handle on the easel database file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are explicit (see transaction()).
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self.migrate()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write: takes the write lock at BEGIN; commits, or rolls back on error."""
+        with self._lock:
+            if self._depth:  # nested: join the outer transaction
+                self._depth += 1
+                try:
+                    yield self.conn
+                finally:
+                    self._depth -= 1
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            else:
+                self.conn.execute("COMMIT")
+            finally:
+                self._depth = 0
+
+    @contextmanager
+    def locked(self) -> Iterator[sqlite_utils.Database]:
+        """The sqlite-utils handle, for single-statement writes outside a transaction."""
+        with self._lock:
+            if self._depth:
+                raise RuntimeError("sqlite-utils writes commit on their own; not inside transaction()")
+            yield self.db
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params: tuple | dict = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self.conn.execute(sql, params).fetchone()
+
+    @property
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def migrate(self) -> None:
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"the database {self.path} has schema version {version}, newer than this "
+                    f"easel knows ({len(MIGRATIONS)}); upgrade easel"
+                )
+            for i in range(version, len(MIGRATIONS)):
+                for statement in MIGRATIONS[i].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {i + 1}")
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,185 @@
+"""The budget ledger: per-user balances, and reservations that hold money while a job runs.
+
+Amounts are integer micro-dollars (1 USD = 1_000_000), so sums never drift. A job's cost is
+*reserved* before any money is spent, then *settled* (charged) or *released* exactly once: each
+step is one transaction, and a reservation can only leave the `held` state once, so money is
+never lost or counted twice, even across concurrent writers or a crash.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .db import Database, now
+
+MICROS_PER_USD = 1_000_000
+
+
+def usd_to_micros(usd: float) -> int:
+    return int(round(usd * MICROS_PER_USD))
+
+
+def micros_to_usd(micros: int) -> float:
+    return micros / MICROS_PER_USD
+
+
+class InsufficientFunds(Exception):
+    def __init__(self, user_id: str, available_micros: int, needed_micros: int):
+        self.user_id = user_id
+        self.available_micros = available_micros
+        self.needed_micros = needed_micros
+        super().__init__(
+            f"over budget: this costs up to ${micros_to_usd(needed_micros):.4f} and "
+            f"${micros_to_usd(available_micros):.4f} is available"
+        )
+
+
+@dataclass(frozen=True)
+class Balance:
+    user_id: str
+    balance_micros: int  # money the user has, with nothing held
+    reserved_micros: int  # held for jobs in flight
+
+    @property
+    def available_micros(self) -> int:
+        return self.balance_micros - self.reserved_micros
+
+
+class Ledger:
+    def __init__(self, db: Database, default_allowance_micros: int):
+        self.db = db
+        self.default_allowance_micros = default_allowance_micros
+
+    def _ensure_account(self, conn, user_id: str) -> None:
+        t = now()
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO accounts (user_id, balance_micros, reserved_micros, created_at,"
+            " updated_at) VALUES (?, ?, 0, ?, ?)",
+            (user_id, self.default_allowance_micros, t, t),
+        )
+        if cur.rowcount:
+            self._entry(conn, user_id, None, "allowance", self.default_allowance_micros, None)
+
+    def _entry(self, conn, user_id, job_id, kind, amount, actor) -> None:
+        balance = conn.execute(
+            "SELECT balance_micros FROM accounts WHERE user_id = ?", (user_id,)
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO ledger_entries (user_id, job_id, kind, amount_micros,"
+            " balance_after_micros, actor, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (user_id, job_id, kind, amount, balance, actor, now()),
+        )
+
+    def balance(self, user_id: str) -> Balance:
+        row = self.db.query_one(
+            "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?", (user_id,)
+        )
+        if row is None:
+            return Balance(user_id, self.default_allowance_micros, 0)
+        return Balance(user_id, row[0], row[1])
+
+    def reserve(self, user_id: str, job_id: int, amount_micros: int) -> Balance:
+        """Hold `amount_micros` for `job_id`, or raise InsufficientFunds and hold nothing."""
+        if amount_micros < 0:
+            raise ValueError("a reservation cannot be negative")
+        with self.db.transaction() as conn:
+            self._ensure_account(conn, user_id)
+            balance, reserved = conn.execute(
+                "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?",
+                (user_id,),
+            ).fetchone()
+            if balance - reserved < amount_micros:
+                raise InsufficientFunds(user_id, balance - reserved, amount_micros)
+            conn.execute(
+                "INSERT INTO reservations (job_id, user_id, amount_micros, state, created_at)"
+                " VALUES (?, ?, ?, 'held', ?)",
+                (job_id, user_id, amount_micros, now()),
+            )
+            conn.execute(
+                "UPDATE accounts SET reserved_micros = reserved_micros + ?, updated_at = ?"
+                " WHERE user_id = ?",
+                (amount_micros, now(), user_id),
+            )
+            return Balance(user_id, balance, reserved + amount_micros)
+
+    def settle(self, job_id: int, actual_micros: int) -> int:
+        """Charge the job's actual cost, at most what was reserved; returns the amount charged.
+
+        Settling a reservation that is no longer held charges nothing (idempotent)."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT user_id, amount_micros FROM reservations WHERE job_id = ? AND state = 'held'",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                return 0
+            user_id, held = row
+            charged = max(0, min(actual_micros, held))
+            conn.execute(
+                "UPDATE reservations SET state = 'settled', charged_micros = ?, closed_at = ?"
+                " WHERE job_id = ?",
+                (charged, now(), job_id),
+            )
+            conn.execute(
+                "UPDATE accounts SET reserved_micros = reserved_micros - ?,"
+                " balance_micros = balance_micros - ?, updated_at = ? WHERE user_id = ?",
+                (held, charged, now(), user_id),
+            )
+            self._entry(conn, user_id, job_id, "charge", -charged, None)
+            return charged
+
+    def release(self, job_id: int) -> bool:
+        """Give back a held reservation uncharged; False when it was not held (idempotent)."""
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT user_id, amount_micros FROM reservations WHERE job_id = ? AND state = 'held'",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            user_id, held = row
+            conn.execute(
+                "UPDATE reservations SET state = 'released', charged_micros = 0, closed_at = ?"
+                " WHERE job_id = ?",
+                (now(), job_id),
+            )
+            conn.execute(
+                "UPDATE accounts SET reserved_micros = reserved_micros - ?, updated_at = ?"
+                " WHERE user_id = ?",
+                (held, now(), user_id),
+            )
+            return True
+
+    def held_job_ids(self) -> list[int]:
+        return [r[0] for r in self.db.query("SELECT job_id FROM reservations WHERE state = 'held'")]
+
+    def set_balance(self, user_id: str, amount_micros: int, actor: str | None = None) -> Balance:
+        with self.db.transaction() as conn:
+            self._ensure_account(conn, user_id)
+            old = conn.execute(
+                "SELECT balance_micros FROM accounts WHERE user_id = ?", (user_id,)
+            ).fetchone()[0]
+            conn.execute(
+                "UPDATE accounts SET balance_micros = ?, updated_at = ? WHERE user_id = ?",
+                (amount_micros, now(), user_id),
+            )
+            self._entry(conn, user_id, None, "set", amount_micros - old, actor)
+        return self.balance(user_id)
+
+    def grant(self, user_id: str, amount_micros: int, actor: str | None = None) -> Balance:
+        with self.db.transaction() as conn:
+            self._ensure_account(conn, user_id)
+            conn.execute(
+                "UPDATE accounts SET balance_micros = balance_micros + ?, updated_at = ?"
+                " WHERE user_id = ?",
+                (amount_micros, now(), user_id),
+            )
+            self._entry(conn, user_id, None, "grant", amount_micros, actor)
+        return self.balance(user_id)
+
+    def spent_since(self, user_id: str, since: float) -> int:
+        row = self.db.query_one(
+            "SELECT COALESCE(SUM(charged_micros), 0) FROM reservations"
+            " WHERE user_id = ? AND state = 'settled' AND closed_at >= ?",
+            (user_id, since),
+        )
+        return row[0]
