@@ -34,17 +34,6 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise _Invalid(key, message)
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'512x768' -> (512, 768)."""
-    parts = text.lower().replace("×", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"{text!r} is not a size like 512x512")
-    w, h = (int(p) for p in parts)
-    if w <= 0 or h <= 0:
-        raise ValueError(f"{text!r} is not a size like 512x512")
-    return w, h
-
-
 @dataclass
 class StorageSettings:
     database: str = "data/easel.db"
@@ -68,7 +57,6 @@ class ServerSettings:
 @dataclass
 class GenerationSettings:
     default_model: str = "tiny"
-    default_size: str = "512x512"
     max_prompt_chars: int = 2000
     default_strength: float = 0.6  # variations: how far from the source (0 keeps it, 1 ignores it)
     upscale_factor: int = 2
@@ -77,10 +65,6 @@ class GenerationSettings:
     max_upload_pixels: int = 40_000_000
 
     def validate(self) -> None:
-        try:
-            parse_size(self.default_size)
-        except ValueError as exc:
-            raise _Invalid("default_size", str(exc)) from None
         _check(1 <= self.max_prompt_chars <= 100_000, "max_prompt_chars", "must be 1-100000")
         _check(0.0 < self.default_strength <= 1.0, "default_strength", "must be in (0, 1]")
         _check(self.upscale_factor in (2, 4), "upscale_factor", "must be 2 or 4")

@@ -48,6 +48,7 @@ MIGRATIONS: list[str] = [
         error_code TEXT,
         timings TEXT NOT NULL DEFAULT '{}',
         message_id TEXT,
+        owner TEXT,
         created_at REAL NOT NULL,
         started_at REAL,
         finished_at REAL

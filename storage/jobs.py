@@ -41,6 +41,7 @@ class JobRecord:
     error_code: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     message_id: str | None = None
+    owner: str | None = None  # host:pid of the process running the job
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
@@ -82,8 +83,11 @@ class JobStore:
         return self.get(job_id)
 
     def update(self, job_id: int, **values: Any) -> None:
-        with self.db.locked():
-            self.db.db["jobs"].update(job_id, _encode(values))
+        """Change a job; joins the caller's transaction, so it can commit with a ledger step."""
+        row = _encode(values)
+        sets = ", ".join(f"{k} = ?" for k in row)
+        with self.db.transaction() as conn:
+            conn.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*row.values(), job_id))
 
     def get(self, job_id: int) -> JobRecord | None:
         row = self.db.query_one("SELECT * FROM jobs WHERE id = ?", (job_id,))

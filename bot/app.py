@@ -1,0 +1,95 @@
+"""Composition: builds the storage, generators, screens and the pipeline from settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from generators.base import Generator
+from moderation import DEFAULT_PROMPT_RULES, NoImageScreen, NudeNetScreen, PromptRule, PromptScreen
+from storage.blobs import LocalBlobStore
+from storage.db import Database
+from storage.jobs import JobStore
+from storage.ledger import Ledger, usd_to_micros
+
+from .config import Settings
+from .pipeline import Pipeline
+from .router import Router
+
+
+@dataclass
+class App:
+    settings: Settings
+    db: Database
+    ledger: Ledger
+    jobs: JobStore
+    blobs: LocalBlobStore
+    router: Router
+    pipeline: Pipeline
+
+    async def close(self) -> None:
+        await self.router.close()
+        self.db.close()
+
+
+def build_generators(settings: Settings) -> list[Generator]:
+    gens: list[Generator] = []
+    local = settings.generators.local
+    if local.enabled:
+        from generators.local import DiffusersGenerator
+
+        gens.append(
+            DiffusersGenerator(
+                dict(local.models),
+                data_dir=settings.path(settings.storage.images_dir).parent,
+                device=local.device,
+                dtype=local.dtype,
+                default_steps=local.steps,
+                default_guidance=local.guidance,
+                price_per_second_usd=local.price_per_second_usd,
+                upscaler=local.upscaler or None,
+            )
+        )
+    return gens
+
+
+def build_prompt_screen(settings: Settings) -> PromptScreen:
+    rules = settings.moderation.prompt_rules
+    if rules is None:
+        return PromptScreen(DEFAULT_PROMPT_RULES)
+    return PromptScreen(
+        [PromptRule(name, tuple(r.terms), r.allow_in_nsfw_channels) for name, r in rules.items()]
+    )
+
+
+def build_image_screen(settings: Settings):
+    mod = settings.moderation
+    if mod.image_classifier == "none":
+        return NoImageScreen()
+    return NudeNetScreen(threshold=mod.nsfw_threshold, nsfw_channel_policy=mod.nsfw_channels)
+
+
+def build_app(settings: Settings, generators: list[Generator] | None = None, *, image_screen=None) -> App:
+    """Everything a front end needs. `generators` and `image_screen` replace the configured ones
+    (tests and benchmarks pass their own)."""
+    db = Database(settings.path(settings.storage.database))
+    ledger = Ledger(db, usd_to_micros(settings.budget.default_allowance_usd))
+    jobs = JobStore(db)
+    blobs = LocalBlobStore(settings.path(settings.storage.images_dir), settings.storage.public_url)
+    router = Router(build_generators(settings) if generators is None else generators)
+    gen = settings.generation
+    pipeline = Pipeline(
+        db=db, ledger=ledger, jobs=jobs, blobs=blobs, router=router,
+        prompt_screen=build_prompt_screen(settings),
+        image_screen=image_screen if image_screen is not None else build_image_screen(settings),
+        default_model=gen.default_model,
+        queue_limits={"local": settings.generators.local.max_concurrent},
+        max_jobs_per_user=settings.queue.max_jobs_per_user,
+        max_prompt_chars=gen.max_prompt_chars,
+        default_strength=gen.default_strength,
+        upscale_factor=gen.upscale_factor,
+        job_timeout_s=gen.job_timeout_s,
+        max_upload_bytes=gen.max_upload_bytes,
+        max_upload_pixels=gen.max_upload_pixels,
+        blocked_outputs_are_paid=settings.moderation.blocked_outputs_are_paid,
+    )
+    pipeline.recover()
+    return App(settings, db, ledger, jobs, blobs, router, pipeline)

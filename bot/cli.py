@@ -1,0 +1,325 @@
+"""The `easel` command line. Heavy modules (torch, the pipeline) are imported only by the
+commands that need them, so `easel --help` answers at once."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BLOCKED, EXIT_OVER_BUDGET = 0, 1, 2, 3, 4
+DEFAULT_USER = "local"
+
+
+def _size(text: str):
+    from .flags import FlagError, parse_size
+
+    try:
+        return parse_size(text)
+    except FlagError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seed(text: str) -> int:
+    from .flags import FlagError, parse_seed
+
+    try:
+        return parse_seed(text)
+    except FlagError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _usd(text: str) -> float:
+    try:
+        value = float(text.lstrip("$"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount in USD like 2.50") from None
+    if not -1e6 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="easel", description="Self-hosted AI image generation: command line and Discord bot."
+    )
+    parser.add_argument("--config", metavar="PATH", help="settings file (default: $EASEL_CONFIG, else ./easel.toml, else built-in defaults)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def job_options(p, *, seed=True):
+        if seed:
+            p.add_argument("--seed", type=_seed, help="seed (default: chosen at random and recorded)")
+        p.add_argument("--model", help="model name or alias (see `easel models`)")
+        p.add_argument("--steps", type=int, help="inference steps")
+        p.add_argument("--guidance", type=float, help="guidance scale")
+        p.add_argument("--user", default=DEFAULT_USER, help=f"whose budget pays (default: {DEFAULT_USER})")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("imagine", help="make an image from a prompt (inline --seed/--no/--ar flags work too)")
+    p.add_argument("prompt")
+    p.add_argument("--negative", help="what to keep out of the image")
+    p.add_argument("--size", type=_size, help="WxH, e.g. 512x512")
+    job_options(p)
+
+    p = sub.add_parser("variation", help="a variation of an earlier job's image")
+    p.add_argument("job_id", type=int)
+    p.add_argument("--strength", type=float, help="how far from the source, 0-1 (default from config)")
+    p.add_argument("--prompt", default="", help="a new prompt (default: the source job's)")
+    job_options(p)
+
+    p = sub.add_parser("edit", help="repaint an image (where the mask is white) from a prompt")
+    p.add_argument("image", type=Path)
+    p.add_argument("prompt")
+    p.add_argument("--mask", type=Path, help="PNG mask: white is repainted, black is kept")
+    p.add_argument("--negative")
+    job_options(p)
+
+    p = sub.add_parser("upscale", help="enlarge an earlier job's image")
+    p.add_argument("job_id", type=int)
+    p.add_argument("--model")
+    p.add_argument("--user", default=DEFAULT_USER)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("jobs", help="list recent jobs")
+    p.add_argument("--user")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("budget", help="show, set or grant a user's budget")
+    p.add_argument("action", choices=["show", "set", "grant"])
+    p.add_argument("user")
+    p.add_argument("amount", type=_usd, nargs="?", help="USD (set, grant)")
+
+    sub.add_parser("models", help="list the models that can be used, and why others cannot")
+    sub.add_parser("check", help="validate the settings and report which generators are usable")
+    sub.add_parser("serve", help="serve stored images over HTTP")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"easel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    handler = {
+        "imagine": _job_command, "variation": _job_command, "edit": _job_command,
+        "upscale": _job_command, "jobs": _jobs, "budget": _budget, "models": _models,
+        "check": _check, "serve": _serve,
+    }[args.command]
+    try:
+        return handler(settings, args)
+    except KeyboardInterrupt:
+        print("easel: interrupted", file=sys.stderr)
+        return 130
+
+
+def _app(settings):
+    from .app import build_app
+
+    return build_app(settings)
+
+
+def _read_file(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SystemExit(_fail(f"cannot read {path}: {exc.strerror}", EXIT_USAGE)) from None
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"easel: {message}", file=sys.stderr)
+    return code
+
+
+def _job_command(settings, args) -> int:
+    from .pipeline import JobRequest
+
+    kind = args.command
+    request = JobRequest(
+        kind=kind,
+        user_id=args.user,
+        prompt=getattr(args, "prompt", "") or "",
+        negative_prompt=getattr(args, "negative", None),
+        seed=getattr(args, "seed", None),
+        model=args.model,
+        size=getattr(args, "size", None),
+        steps=getattr(args, "steps", None),
+        guidance=getattr(args, "guidance", None),
+        strength=getattr(args, "strength", None),
+        source_job_id=getattr(args, "job_id", None),
+        image=_read_file(getattr(args, "image", None)),
+        mask=_read_file(getattr(args, "mask", None)),
+    )
+    return asyncio.run(_run_job(settings, request, as_json=args.json))
+
+
+async def _run_job(settings, request, *, as_json: bool) -> int:
+    app = _app(settings)
+    bar = None if as_json else ProgressBar(sys.stderr)
+    try:
+        outcome = await app.pipeline.submit(request, on_event=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+        await app.close()
+    if as_json:
+        print(json.dumps(outcome.as_dict()))
+    elif outcome.ok:
+        job = outcome.job
+        print(f"job {job.id}: {job.width}x{job.height}, seed {job.seed}, model {job.model} ({job.provider}), "
+              f"cost ${job.cost_micros / 1e6:.4f}, balance ${outcome.balance_usd:.4f}")
+        if job.revised_prompt:
+            print(f"revised prompt: {job.revised_prompt}")
+        if job.note:
+            print(f"note: {job.note}")
+        print(f"image: {outcome.image_path}")
+        print(f"url:   {job.image_url}")
+    else:
+        where = f"job {outcome.job.id} " if outcome.job else ""
+        print(f"easel: {where}{outcome.status}: {outcome.error}", file=sys.stderr)
+    return exit_status(outcome)
+
+
+def exit_status(outcome) -> int:
+    if outcome.ok:
+        return EXIT_OK
+    return {"usage": EXIT_USAGE, "blocked": EXIT_BLOCKED, "over_budget": EXIT_OVER_BUDGET}.get(
+        outcome.error_code or "", EXIT_FAILED
+    )
+
+
+class ProgressBar:
+    """One line on the terminal: the queue position, then the share of steps done."""
+
+    def __init__(self, stream, width: int = 30):
+        self.stream, self.width = stream, width
+        self.live = stream.isatty()
+        self._last = ""
+
+    def update(self, event) -> None:
+        if event.state == "queued":
+            text = f"queued, position {event.position}"
+        elif event.state == "running":
+            text = "running"
+        else:
+            done = int(self.width * (event.fraction or 0))
+            text = f"[{'#' * done}{'.' * (self.width - done)}] {100 * (event.fraction or 0):3.0f}%"
+        if text == self._last:
+            return
+        self._last = text
+        if self.live:
+            self.stream.write("\r\033[K" + text)
+        elif event.state != "progress" or event.fraction == 1.0:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live and self._last:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _jobs(settings, args) -> int:
+    from storage.db import Database
+    from storage.jobs import JobStore
+
+    db = Database(settings.path(settings.storage.database))
+    jobs = JobStore(db).list(user_id=args.user, limit=args.limit)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(j) for j in jobs]))
+        return EXIT_OK
+    for j in jobs:
+        detail = j.image_url if j.status == "done" else (j.error or "")
+        print(f"{j.id:>6}  {j.status:<9} {j.kind:<9} {j.user_id:<12} {j.model or '-':<16} "
+              f"seed {j.seed if j.seed is not None else '-':<10} ${j.cost_micros / 1e6:.4f}  "
+              f"{j.prompt[:40]!r}  {detail}")
+    return EXIT_OK
+
+
+def _budget(settings, args) -> int:
+    from storage.db import Database
+    from storage.ledger import Ledger, usd_to_micros
+
+    ledger = Ledger(Database(settings.path(settings.storage.database)),
+                    usd_to_micros(settings.budget.default_allowance_usd))
+    if args.action != "show":
+        if args.amount is None:
+            return _fail(f"budget {args.action} needs an amount in USD", EXIT_USAGE)
+        if args.action == "set" and args.amount < 0:
+            return _fail("a budget cannot be set below zero", EXIT_USAGE)
+        change = ledger.set_balance if args.action == "set" else ledger.grant
+        change(args.user, usd_to_micros(args.amount), actor=f"cli:{os.environ.get('USER', '?')}")
+    b = ledger.balance(args.user)
+    print(f"{args.user}: balance ${b.balance_micros / 1e6:.4f}, held for running jobs "
+          f"${b.reserved_micros / 1e6:.4f}, available ${b.available_micros / 1e6:.4f}")
+    return EXIT_OK
+
+
+def _models(settings, args) -> int:
+    from .app import build_generators
+    from .router import Router
+
+    router = Router(build_generators(settings))
+    for spec in sorted(router.models(), key=lambda s: (s.provider, s.name)):
+        aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+        kinds = ", ".join(k for k in ("imagine", "variation", "edit", "upscale") if k in spec.kinds)
+        seed = "seeded" if spec.honours_seed else "no seed"
+        default = "  [default]" if spec.name == settings.generation.default_model else ""
+        print(f"{spec.name:<24} {spec.provider:<10} {kinds}; {seed}{aliases}{default}")
+    for provider, reason in router.unavailable().items():
+        print(f"{provider}: unavailable: {reason}")
+    return EXIT_OK
+
+
+def _check(settings, args) -> int:
+    from .app import build_generators, build_image_screen
+    from .router import Router, UnknownModel
+
+    print(f"settings: {settings.source or 'built-in defaults'} (valid)")
+    db_path = settings.path(settings.storage.database)
+    images = settings.path(settings.storage.images_dir)
+    print(f"database: {db_path}")
+    print(f"images:   {images} -> {settings.storage.public_url}/images/<sha256>.png")
+    router = Router(build_generators(settings))
+    for spec in router.models():
+        print(f"model {spec.name} ({spec.provider}): usable")
+    for provider, reason in router.unavailable().items():
+        print(f"generator {provider}: not usable: {reason}")
+    screen = build_image_screen(settings)
+    reason = screen.unavailable_reason()
+    print(f"image screening: {settings.moderation.image_classifier}: " + (f"not usable: {reason}" if reason else "usable"))
+    ok = reason is None
+    try:
+        router.resolve(settings.generation.default_model)
+        print(f"default model {settings.generation.default_model}: usable")
+    except UnknownModel as exc:
+        print(f"default model: not usable: {exc}")
+        ok = False
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _serve(settings, args) -> int:
+    from aiohttp import web
+
+    from storage.blobs import LocalBlobStore
+    from storage.server import make_image_app
+
+    store = LocalBlobStore(settings.path(settings.storage.images_dir), settings.storage.public_url)
+    print(f"serving {store.root} at http://{settings.server.host}:{settings.server.port}/images/")
+    web.run_app(make_image_app(store), host=settings.server.host, port=settings.server.port,
+                print=None)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Midjourney-style inline flags in a prompt: `a cat --seed 42 --no blurry, text --ar 16:9`.
+
+Anything that looks like a flag (`--word`) must be one we know, with a well-formed value: a typo
+is a clear error, never silently left in the prompt. Phones often turn `--` into an em or en dash,
+so those are read as `--` too.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_SEED = 2**32 - 1
+
+
+class FlagError(ValueError):
+    """A malformed or unknown inline flag; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    prompt: str
+    seed: int | None = None
+    negative_prompt: str | None = None
+    aspect: tuple[int, int] | None = None
+    model: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+
+
+_FLAG = re.compile(r"(?:(?<=\s)|^)(?:--|\u2014|\u2013)([A-Za-z][\w-]*)(?=\s|$)")
+_NAMES = {
+    "seed": "seed",
+    "no": "negative_prompt",
+    "ar": "aspect",
+    "aspect": "aspect",
+    "model": "model",
+    "steps": "steps",
+    "guidance": "guidance",
+    "cfg": "guidance",
+}
+FLAG_HELP = "--seed N, --no TEXT, --ar W:H, --model NAME, --steps N, --guidance F"
+
+
+def parse_seed(text: str) -> int:
+    if not re.fullmatch(r"\d{1,10}", text.strip()):
+        raise FlagError(f"--seed takes a whole number from 0 to {MAX_SEED}, not {text!r}")
+    seed = int(text)
+    if seed > MAX_SEED:
+        raise FlagError(f"--seed takes a whole number from 0 to {MAX_SEED}, not {text!r}")
+    return seed
+
+
+def parse_aspect(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d{1,3})\s*[:x/]\s*(\d{1,3})\s*", text)
+    if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
+        raise FlagError(f"--ar takes a ratio like 16:9, not {text!r}")
+    w, h = int(m.group(1)), int(m.group(2))
+    if max(w / h, h / w) > 4:
+        raise FlagError(f"--ar {w}:{h} is too extreme; ratios up to 4:1 are supported")
+    return w, h
+
+
+def _parse_value(name: str, text: str):
+    if name == "seed":
+        return parse_seed(text)
+    if name == "aspect":
+        return parse_aspect(text)
+    if name == "steps":
+        if not re.fullmatch(r"\d{1,3}", text) or not 1 <= int(text) <= 150:
+            raise FlagError(f"--steps takes a whole number from 1 to 150, not {text!r}")
+        return int(text)
+    if name == "guidance":
+        try:
+            value = float(text)
+        except ValueError:
+            raise FlagError(f"--guidance takes a number from 0 to 30, not {text!r}") from None
+        if not 0 <= value <= 30:
+            raise FlagError(f"--guidance takes a number from 0 to 30, not {text!r}")
+        return value
+    if name == "model":
+        if not re.fullmatch(r"[\w./:-]{1,100}", text):
+            raise FlagError(f"--model takes a model name, not {text!r}")
+        return text
+    return text  # negative prompt: free text
+
+
+def parse_flags(text: str) -> ParsedPrompt:
+    """Split `text` into the prompt and its inline flags."""
+    matches = list(_FLAG.finditer(text))
+    prompt = text[: matches[0].start()] if matches else text
+    values: dict[str, object] = {}
+    for i, m in enumerate(matches):
+        flag = m.group(1).lower()
+        if flag not in _NAMES:
+            raise FlagError(f"unknown flag --{flag}; flags are: {FLAG_HELP}")
+        name = _NAMES[flag]
+        if name in values:
+            raise FlagError(f"--{flag} is given twice")
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        raw = text[m.end() : end].strip()
+        if not raw:
+            raise FlagError(f"--{flag} needs a value")
+        if name != "negative_prompt" and len(raw.split()) > 1:
+            # Text after a single-valued flag would otherwise vanish from the prompt.
+            raise FlagError(
+                f"--{flag} takes one value, but got {raw!r}; put flags after the prompt"
+            )
+        values[name] = _parse_value(name, raw)
+    return ParsedPrompt(prompt=" ".join(prompt.split()), **values)  # type: ignore[arg-type]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x768' -> (512, 768)."""
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[x×]\s*(\d{1,5})\s*", text.lower())
+    if not m or int(m.group(1)) == 0 or int(m.group(2)) == 0:
+        raise FlagError(f"{text!r} is not a size like 512x512")
+    return int(m.group(1)), int(m.group(2))
+
+
+def size_for_aspect(aspect: tuple[int, int], area: int, step: int = 8) -> tuple[int, int]:
+    """The size with this aspect ratio closest to `area` pixels, each side a multiple of `step`."""
+    w, h = aspect
+    width = (area * w / h) ** 0.5
+    height = width * h / w
+    return max(step, round(width / step) * step), max(step, round(height / step) * step)
