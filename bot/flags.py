@@ -118,8 +118,14 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def size_for_aspect(aspect: tuple[int, int], area: int, step: int = 8) -> tuple[int, int]:
-    """The size with this aspect ratio closest to `area` pixels, each side a multiple of `step`."""
-    w, h = aspect
-    width = (area * w / h) ** 0.5
-    height = width * h / w
-    return max(step, round(width / step) * step), max(step, round(height / step) * step)
+    """A size with this aspect ratio and about `area` pixels, each side a multiple of `step`:
+    the ratio as exact as the step allows, then the area as close as it can be."""
+    ratio = aspect[0] / aspect[1]
+    base = round((area / ratio) ** 0.5 / step)
+    candidates = []
+    for k in range(max(1, base - 3), base + 4):
+        h = k * step
+        w = max(step, round(h * ratio / step) * step)
+        candidates.append((round(abs(w / h - ratio) / ratio, 3), abs(w * h - area), w, h))
+    _, _, w, h = min(candidates)
+    return w, h

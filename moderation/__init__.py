@@ -1,0 +1,26 @@
+"""Screening prompts (term rules) and generated images (an NSFW classifier) before serving."""
+from moderation.image import (
+    EXPOSED_LABELS,
+    NUDENET_LABELS,
+    ImageScreen,
+    ImageScreenUnavailable,
+    NoImageScreen,
+    NudeNetScreen,
+    judge_detections,
+)
+from moderation.prompt import DEFAULT_PROMPT_RULES, PromptRule, PromptScreen
+from moderation.verdict import Verdict
+
+__all__ = [
+    "DEFAULT_PROMPT_RULES",
+    "EXPOSED_LABELS",
+    "NUDENET_LABELS",
+    "ImageScreen",
+    "ImageScreenUnavailable",
+    "NoImageScreen",
+    "NudeNetScreen",
+    "PromptRule",
+    "PromptScreen",
+    "Verdict",
+    "judge_detections",
+]

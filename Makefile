@@ -1,0 +1,32 @@
+# The two set-up commands: `make demo` (install, then make one image on the embedded defaults)
+# and `make test` (install with every extra the tests need, then run them). Both create .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+PROMPT ?= a lighthouse at dusk, oil painting
+# torch first and pinned: an open-ended torch requirement pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench install-local install-test
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "easel needs Python 3.11 or newer")'
+	$(PYTHON) -m venv $(VENV)
+
+install-local: $(PY)
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[local,nsfw]'
+
+install-test: $(PY)
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e '.[local,nsfw,cloud,discord,dev]'
+
+demo: install-local
+	$(VENV)/bin/easel imagine "$(PROMPT)" --seed 42
+
+test: install-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install-test
+	$(PY) bench/pipeline_overhead.py

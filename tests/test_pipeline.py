@@ -1,0 +1,293 @@
+"""The job pipeline end to end, with prepared generators (real protocol, instant images)."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from bot.app import build_app
+from bot.config import settings_from_dict
+from bot.pipeline import JobRequest
+from generators.base import ContentPolicyError, GeneratorError, TransientGeneratorError
+from moderation import NoImageScreen, Verdict
+from storage.ledger import usd_to_micros
+from tests.fakes.generators import PreparedGenerator, png_bytes
+
+
+class BlockEverything:
+    """An image screen that blocks every image (a real ImageScreen implementation)."""
+
+    def screen_image(self, image, *, nsfw_channel=False):
+        return Verdict(allowed=nsfw_channel, rule="test", reason="blocked by the test screen")
+
+    def unavailable_reason(self):
+        return None
+
+
+def make_app(tmp_path, *gens, allowance=1.0, image_screen=None, **overrides):
+    data = {
+        "storage": {"database": str(tmp_path / "easel.db"), "images_dir": str(tmp_path / "images")},
+        "generation": {"default_model": "fake-model", "job_timeout_s": 5.0},
+        "budget": {"default_allowance_usd": allowance},
+    }
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    app = build_app(settings_from_dict(data), generators=list(gens) or [PreparedGenerator()],
+                    image_screen=image_screen or NoImageScreen())
+    app.router.retry = type(app.router.retry)(attempts=3, base_delay_s=0.001, max_delay_s=0.01)
+    return app
+
+
+def available(app, user="u1") -> int:
+    return app.ledger.balance(user).available_micros
+
+
+async def test_done_job_is_stored_recorded_and_charged(tmp_path):
+    gen = PreparedGenerator(price_usd=0.02, billed_usd=0.015)
+    app = make_app(tmp_path, gen)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a red fox --seed 42 --no blur --ar 2:1"))
+    assert out.status == "done", out.error
+    job = out.job
+    assert (job.seed, job.negative_prompt, job.prompt) == (42, "blur", "a red fox")
+    assert job.width == 2 * job.height
+    assert gen.calls[0].seed == 42 and gen.calls[0].negative_prompt == "blur"
+    data = open(out.image_path, "rb").read()
+    assert hashlib.sha256(data).hexdigest() == job.sha256
+    assert job.image_url.endswith(f"/images/{job.sha256}.png")
+    assert job.cost_micros == usd_to_micros(0.015)  # the billed cost, not the estimate
+    assert available(app) == usd_to_micros(1.0) - usd_to_micros(0.015)
+    assert app.ledger.balance("u1").reserved_micros == 0
+    assert set(job.timings) >= {"prepare", "screen_prompt", "reserve", "queue", "generate",
+                                "validate", "screen_image", "store", "record"}
+    assert out.as_dict()["cost_usd"] == pytest.approx(0.015)
+
+
+async def test_seed_is_chosen_and_recorded_when_none_given(tmp_path):
+    app = make_app(tmp_path)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert out.ok and isinstance(out.job.seed, int)
+    again = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", seed=out.job.seed))
+    assert again.job.sha256 == out.job.sha256
+
+
+async def test_model_without_seed_records_none(tmp_path):
+    app = make_app(tmp_path, PreparedGenerator(honours_seed=False))
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert out.ok and out.job.seed is None
+    refused = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --seed 3"))
+    assert refused.error_code == "usage" and "does not take a seed" in refused.error
+
+
+async def test_failed_generation_releases_the_reservation(tmp_path):
+    gen = PreparedGenerator(script=[GeneratorError("the GPU caught fire")])
+    app = make_app(tmp_path, gen)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert out.status == "failed" and "caught fire" in out.error
+    assert available(app) == usd_to_micros(1.0)
+    assert app.jobs.get(out.job.id).status == "failed"
+    assert app.ledger.held_job_ids() == []
+
+
+async def test_transient_failures_are_retried(tmp_path):
+    gen = PreparedGenerator(script=[TransientGeneratorError("503"), TransientGeneratorError("429", retry_after=0.01)])
+    app = make_app(tmp_path, gen)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert out.ok and len(gen.calls) == 3
+
+
+async def test_content_policy_refusal_is_a_block_and_not_retried(tmp_path):
+    gen = PreparedGenerator(script=[ContentPolicyError("content_policy_violation")])
+    app = make_app(tmp_path, gen)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert (out.status, out.error_code) == ("blocked", "blocked") and len(gen.calls) == 1
+    assert available(app) == usd_to_micros(1.0)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>", "HTML"),
+    (png_bytes(64, 64)[: len(png_bytes(64, 64)) // 2], "truncated"),
+    (b"", "empty"),
+    (png_bytes(32, 64), "32x64"),
+])
+async def test_unusable_output_is_rejected_and_refunded(tmp_path, bad, reason):
+    gen = PreparedGenerator(script=[bad])
+    app = make_app(tmp_path, gen)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", size=(64, 64)))
+    assert out.status == "failed" and reason in out.error
+    assert available(app) == usd_to_micros(1.0)
+    assert not any((tmp_path / "images").rglob("*.png"))
+
+
+async def test_blank_output_is_rejected(tmp_path):
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "black").save(buf, format="PNG")
+    app = make_app(tmp_path, PreparedGenerator(script=[buf.getvalue()]))
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", size=(64, 64)))
+    assert out.status == "failed" and "blank" in out.error
+
+
+async def test_blocked_prompt_reaches_no_generator_and_costs_nothing(tmp_path):
+    gen = PreparedGenerator()
+    app = make_app(tmp_path, gen)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "an N S F W scene"))
+    assert out.status == "blocked" and gen.calls == []
+    assert "nsfw" not in out.error.lower().replace(" ", "")  # the rule is named, the words are not echoed
+    assert available(app) == usd_to_micros(1.0)
+    assert app.jobs.get(out.job.id).status == "blocked"
+
+
+async def test_explicit_terms_are_allowed_in_age_restricted_channels(tmp_path):
+    app = make_app(tmp_path)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "an nsfw scene", nsfw_channel=True))
+    assert out.ok
+
+
+async def test_blocked_output_is_not_stored_or_charged(tmp_path):
+    app = make_app(tmp_path, image_screen=BlockEverything())
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert out.status == "blocked" and "blocked by the test screen" in out.error
+    assert out.job.sha256 is None and not any((tmp_path / "images").rglob("*.png"))
+    assert available(app) == usd_to_micros(1.0)
+
+
+async def test_blocked_output_is_charged_when_configured(tmp_path):
+    app = make_app(tmp_path, PreparedGenerator(price_usd=0.05), image_screen=BlockEverything(),
+                   moderation={"blocked_outputs_are_paid": True})
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert out.status == "blocked" and available(app) == usd_to_micros(0.95)
+
+
+async def test_over_budget_is_refused_before_generation(tmp_path):
+    gen = PreparedGenerator(price_usd=0.6)
+    app = make_app(tmp_path, gen, allowance=0.5)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert (out.status, out.error_code) == ("refused", "over_budget")
+    assert "$0.6000" in out.error and "$0.5000" in out.error
+    assert gen.calls == [] and available(app) == usd_to_micros(0.5)
+
+
+async def test_concurrent_requests_cannot_overspend(tmp_path):
+    gen = PreparedGenerator(price_usd=0.4, delay_s=0.05)
+    app = make_app(tmp_path, gen, allowance=1.0, queue={"max_jobs_per_user": 10})
+    outs = await asyncio.gather(*[app.pipeline.submit(JobRequest("imagine", "u1", f"fox {i}")) for i in range(5)])
+    statuses = sorted(o.status for o in outs)
+    assert statuses.count("done") == 2 and statuses.count("refused") == 3
+    assert all(o.error_code == "over_budget" for o in outs if o.status == "refused")
+    assert app.ledger.balance("u1").balance_micros == usd_to_micros(0.2)
+
+
+async def test_usage_errors_create_no_job(tmp_path):
+    app = make_app(tmp_path)
+    for prompt, words in [("a fox --sed 4", "unknown flag --sed"),
+                          ("x" * 20_000, "20000 characters"),
+                          ("a fox --model nope", "unknown model 'nope'"),
+                          ("", "empty")]:
+        out = await app.pipeline.submit(JobRequest("imagine", "u1", prompt))
+        assert (out.status, out.error_code) == ("refused", "usage") and words in out.error
+    assert app.jobs.list() == []
+
+
+async def test_too_many_jobs_in_flight_are_refused(tmp_path):
+    gen = PreparedGenerator(delay_s=0.2)
+    app = make_app(tmp_path, gen, queue={"max_jobs_per_user": 2})
+    outs = await asyncio.gather(*[app.pipeline.submit(JobRequest("imagine", "u1", "a fox")) for _ in range(3)])
+    assert sorted(o.status for o in outs) == ["done", "done", "refused"]
+    busy = next(o for o in outs if o.status == "refused")
+    assert busy.error_code == "busy" and available(app) == usd_to_micros(1.0) - 2 * usd_to_micros(0.01)
+
+
+async def test_queue_is_fair_across_users(tmp_path):
+    gen = PreparedGenerator(delay_s=0.02)
+    app = make_app(tmp_path, gen, queue={"max_jobs_per_user": 10})
+    app.pipeline.queue_limits["fake"] = 1
+    order: list[str] = []
+
+    async def one(user, prompt, delay=0.0):
+        await asyncio.sleep(delay)
+        out = await app.pipeline.submit(JobRequest("imagine", user, prompt))
+        order.append(user)
+        return out
+
+    tasks = [one("greedy", f"fox {i}") for i in range(5)] + [one("other", "a cat", delay=0.005)]
+    await asyncio.gather(*tasks)
+    # greedy's first job was already running; other's one job goes next, not after greedy's ten.
+    assert order.index("other") <= 2
+
+
+async def test_queued_job_reports_position_and_can_be_cancelled(tmp_path):
+    gen = PreparedGenerator(delay_s=0.3)
+    app = make_app(tmp_path, gen, queue={"max_jobs_per_user": 5})
+    app.pipeline.queue_limits["fake"] = 1
+    events = []
+    first = asyncio.create_task(app.pipeline.submit(JobRequest("imagine", "a", "one")))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(app.pipeline.submit(JobRequest("imagine", "b", "two"), on_event=events.append))
+    await asyncio.sleep(0.05)
+    queued = [e for e in events if e.state == "queued"]
+    assert queued and queued[-1].position == 1
+    job_id = queued[-1].job_id
+    assert app.pipeline.queue_position(job_id) == 1
+    assert await app.pipeline.cancel(job_id)
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert app.jobs.get(job_id).status == "cancelled"
+    assert available(app, "b") == usd_to_micros(1.0)
+    assert (await first).ok and len(gen.calls) == 1
+
+
+async def test_running_job_times_out_and_is_refunded(tmp_path):
+    gen = PreparedGenerator(script=[10.0])
+    app = make_app(tmp_path, gen, generation={"job_timeout_s": 0.1})
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert out.status == "failed" and "longer than 0.1s" in out.error
+    assert available(app) == usd_to_micros(1.0)
+
+
+async def test_crash_mid_job_is_refunded_on_restart(tmp_path):
+    app = make_app(tmp_path)
+    job = app.jobs.create(kind="imagine", user_id="u1", prompt="x", status="running", owner="nohost-dead:1")
+    app.ledger.reserve("u1", job.id, usd_to_micros(0.3))
+    assert available(app) == usd_to_micros(0.7)
+    # a job owned by a dead process on this host
+    dead = app.jobs.create(kind="imagine", user_id="u1", prompt="y", status="queued",
+                           owner=f"{os.uname().nodename}:999999999")
+    app.ledger.reserve("u1", dead.id, usd_to_micros(0.1))
+    app.db.close()
+    restarted = make_app(tmp_path)
+    assert restarted.jobs.get(dead.id).status == "failed"
+    assert restarted.jobs.get(dead.id).error_code == "interrupted"
+    # the other host's job is not ours to judge: it stays, and so does its money
+    assert restarted.jobs.get(job.id).status == "running"
+    assert available(restarted) == usd_to_micros(0.7)
+
+
+async def test_variation_and_upscale_of_an_earlier_job(tmp_path):
+    gen = PreparedGenerator()
+    app = make_app(tmp_path, gen)
+    first = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --seed 1", size=(96, 64)))
+    var = await app.pipeline.submit(JobRequest("variation", "u1", seed=9, source_job_id=first.job.id))
+    assert var.ok and var.job.prompt == "a fox" and var.job.seed == 9
+    assert var.job.source_job_id == first.job.id and var.job.strength == 0.6
+    assert gen.calls[-1].source_image == open(first.image_path, "rb").read()
+    up = await app.pipeline.submit(JobRequest("upscale", "u1"))  # defaults to the user's last image
+    assert up.ok and (up.job.width, up.job.height) == (192, 128)
+    assert up.job.source_job_id is None and gen.calls[-1].kind == "upscale"
+    missing = await app.pipeline.submit(JobRequest("variation", "u1", source_job_id=999))
+    assert missing.error_code == "usage" and "no job 999" in missing.error
+
+
+async def test_edit_checks_uploads_before_spending(tmp_path):
+    gen = PreparedGenerator()
+    app = make_app(tmp_path, gen)
+    image, mask = png_bytes(64, 64), png_bytes(32, 32)
+    out = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=b"<html>hi</html>"))
+    assert out.error_code == "usage" and "HTML" in out.error
+    out = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=image, mask=mask))
+    assert out.error_code == "usage" and "must match" in out.error
+    ok = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=image, mask=png_bytes(64, 64, 3)))
+    assert ok.ok and gen.calls[-1].mask_image is not None
+    assert gen.calls == [gen.calls[-1]]  # nothing was generated for the refused ones
