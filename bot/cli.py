@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     try:
         return handler(settings, args)
+    except ConfigError as exc:  # settings that only fail when a generator is built
+        print(f"easel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("easel: interrupted", file=sys.stderr)
         return 130
@@ -191,7 +194,8 @@ async def _run_job(settings, request, *, as_json: bool) -> int:
 def exit_status(outcome) -> int:
     if outcome.ok:
         return EXIT_OK
-    return {"usage": EXIT_USAGE, "blocked": EXIT_BLOCKED, "over_budget": EXIT_OVER_BUDGET}.get(
+    return {"usage": EXIT_USAGE, "blocked": EXIT_BLOCKED, "over_budget": EXIT_OVER_BUDGET,
+            "spend_cap": EXIT_OVER_BUDGET}.get(
         outcome.error_code or "", EXIT_FAILED
     )
 
@@ -266,10 +270,9 @@ def _budget(settings, args) -> int:
 
 
 def _models(settings, args) -> int:
-    from .app import build_generators
-    from .router import Router
+    from .app import build_generators, build_router
 
-    router = Router(build_generators(settings))
+    router = build_router(settings, build_generators(settings))
     for spec in sorted(router.models(), key=lambda s: (s.provider, s.name)):
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         kinds = ", ".join(k for k in ("imagine", "variation", "edit", "upscale") if k in spec.kinds)
@@ -282,15 +285,15 @@ def _models(settings, args) -> int:
 
 
 def _check(settings, args) -> int:
-    from .app import build_generators, build_image_screen
-    from .router import Router, UnknownModel
+    from .app import build_generators, build_image_screen, build_router
+    from .router import UnknownModel
 
     print(f"settings: {settings.source or 'built-in defaults'} (valid)")
     db_path = settings.path(settings.storage.database)
     images = settings.path(settings.storage.images_dir)
     print(f"database: {db_path}")
     print(f"images:   {images} -> {settings.storage.public_url}/images/<sha256>.png")
-    router = Router(build_generators(settings))
+    router = build_router(settings, build_generators(settings))
     for spec in router.models():
         print(f"model {spec.name} ({spec.provider}): usable")
     for provider, reason in router.unavailable().items():

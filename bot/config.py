@@ -84,9 +84,12 @@ class QueueSettings:
 @dataclass
 class BudgetSettings:
     default_allowance_usd: float = 1.0  # what a new user's balance starts at
+    # Stops all paid (cloud) generation once this much was spent today (UTC); 0 = no cap.
+    daily_spend_cap_usd: float = 0.0
 
     def validate(self) -> None:
         _check(self.default_allowance_usd >= 0, "default_allowance_usd", "cannot be negative")
+        _check(self.daily_spend_cap_usd >= 0, "daily_spend_cap_usd", "cannot be negative")
 
 
 @dataclass
@@ -133,9 +136,61 @@ class LocalGeneratorSettings:
         _check(self.price_per_second_usd >= 0, "price_per_second_usd", "cannot be negative")
 
 
+def _cloud(api_key_env: str, timeout_s: float, max_concurrent: int):
+    return lambda: CloudGeneratorSettings(api_key_env=api_key_env, timeout_s=timeout_s,
+                                          max_concurrent=max_concurrent)
+
+
+@dataclass
+class CloudGeneratorSettings:
+    # Used as soon as the environment variable `api_key_env` is set, unless enabled = false.
+    enabled: bool = True
+    api_key_env: str = ""
+    # Empty: the SDK's own default, which honours OPENAI_BASE_URL / REPLICATE_BASE_URL.
+    base_url: str = ""
+    timeout_s: float = 120.0
+    max_concurrent: int = 4
+    # Empty: every model the provider offers here; else only these (names or aliases).
+    models: list[str] = field(default_factory=list)
+    # USD, overriding easel's built-in table of public prices (see `easel models`).
+    prices: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _check(bool(self.api_key_env.strip()), "api_key_env", "must name an environment variable")
+        _check(not self.base_url or self.base_url.startswith(("http://", "https://")), "base_url",
+               "must start with http:// or https://")
+        _check(self.timeout_s > 0, "timeout_s", "must be positive")
+        _check(self.max_concurrent >= 1, "max_concurrent", "must be at least 1")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None
+
+
 @dataclass
 class GeneratorsSettings:
     local: LocalGeneratorSettings = field(default_factory=LocalGeneratorSettings)
+    openai: CloudGeneratorSettings = field(default_factory=_cloud("OPENAI_API_KEY", 180.0, 4))
+    replicate: CloudGeneratorSettings = field(default_factory=_cloud("REPLICATE_API_TOKEN", 120.0, 4))
+    together: CloudGeneratorSettings = field(default_factory=_cloud("TOGETHER_API_KEY", 60.0, 4))
+
+
+@dataclass
+class RoutingSettings:
+    # model -> the model that serves instead while it fails (same request kinds), e.g.
+    # "flux-schnell" = "together/flux-schnell".
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    # Attempts per model for transient failures (timeouts, 429, 5xx), with backoff and jitter.
+    retry_attempts: int = 3
+    retry_base_delay_s: float = 1.0
+    # After this many failed jobs in a row a provider is taken out of rotation for cooldown_s.
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 60.0
+
+    def validate(self) -> None:
+        _check(1 <= self.retry_attempts <= 10, "retry_attempts", "must be 1-10")
+        _check(self.retry_base_delay_s >= 0, "retry_base_delay_s", "cannot be negative")
+        _check(self.breaker_failures >= 1, "breaker_failures", "must be at least 1")
+        _check(self.breaker_cooldown_s > 0, "breaker_cooldown_s", "must be positive")
 
 
 @dataclass
@@ -147,6 +202,7 @@ class Settings:
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     moderation: ModerationSettings = field(default_factory=ModerationSettings)
     generators: GeneratorsSettings = field(default_factory=GeneratorsSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
     # Where the settings came from (None: built-in defaults) and what relative paths resolve to.
     source: Path | None = field(default=None, metadata={"internal": True})
     base_dir: Path = field(default_factory=Path.cwd, metadata={"internal": True})

@@ -28,7 +28,13 @@ from generators.images import ImageRejected, decode_image, encode_png
 from storage.blobs import LocalBlobStore
 from storage.db import Database
 from storage.jobs import JobRecord, JobStore
-from storage.ledger import InsufficientFunds, Ledger, micros_to_usd, usd_to_micros
+from storage.ledger import (
+    InsufficientFunds,
+    Ledger,
+    SpendCapReached,
+    micros_to_usd,
+    usd_to_micros,
+)
 
 from .flags import MAX_SEED, FlagError, parse_flags, size_for_aspect
 from .queue import FairQueue
@@ -37,9 +43,11 @@ from .router import Route, Router, UnknownModel
 log = logging.getLogger(__name__)
 
 # Error codes a front end maps to its own wording (the CLI also maps them to exit statuses).
-USAGE, OVER_BUDGET, BUSY, BLOCKED, FAILED, CANCELLED = (
-    "usage", "over_budget", "busy", "blocked", "failed", "cancelled"
+USAGE, OVER_BUDGET, SPEND_CAP, BUSY, BLOCKED, FAILED, CANCELLED = (
+    "usage", "over_budget", "spend_cap", "busy", "blocked", "failed", "cancelled"
 )
+# Generators whose cost is real money spent with someone else (the daily spend cap applies).
+UNPAID_PROVIDERS = frozenset({"local"})
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,7 @@ class Pipeline:
         max_upload_bytes: int = 20 * 1024 * 1024,
         max_upload_pixels: int = 40_000_000,
         blocked_outputs_are_paid: bool = False,
+        daily_spend_cap_usd: float = 0.0,
     ):
         self.db, self.ledger, self.jobs, self.blobs, self.router = db, ledger, jobs, blobs, router
         self.prompt_screen, self.image_screen = prompt_screen, image_screen
@@ -151,6 +160,7 @@ class Pipeline:
         self.max_upload_bytes = max_upload_bytes
         self.max_upload_pixels = max_upload_pixels
         self.blocked_outputs_are_paid = blocked_outputs_are_paid
+        self.daily_cap_micros = usd_to_micros(daily_spend_cap_usd)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._queues: dict[str, FairQueue] = {}
         self._in_flight: dict[str, int] = {}
@@ -405,11 +415,19 @@ class Pipeline:
                 f"(the limit is {self.max_jobs_per_user}); wait for one to finish", timings,
             )
         t = time.perf_counter()
-        estimate = usd_to_micros(route.generator.estimate_cost(gen))
+        # Enough for whichever model ends up serving: the route or one of its fallbacks.
+        estimate = max(usd_to_micros(r.generator.estimate_cost(g))
+                       for r, g in self.router.candidates(route, gen))
         try:
-            self.ledger.reserve(user, job.id, estimate)
+            self.ledger.reserve(
+                user, job.id, estimate, provider=route.spec.provider,
+                paid=route.spec.provider not in UNPAID_PROVIDERS,
+                daily_cap_micros=self.daily_cap_micros, day_start=_utc_midnight(),
+            )
         except InsufficientFunds as exc:
             return self._finish(job, "refused", OVER_BUDGET, str(exc), timings)
+        except SpendCapReached as exc:
+            return self._finish(job, "refused", SPEND_CAP, str(exc), timings)
         self.jobs.update(job.id, estimate_micros=estimate)
         timings["reserve"] = _ms(t)
 
@@ -554,6 +572,10 @@ class Pipeline:
             image_path=str(stored.path) if stored is not None else None,
             balance_usd=micros_to_usd(self.ledger.balance(job.user_id).available_micros),
         )
+
+
+def _utc_midnight() -> float:
+    return (time.time() // 86400) * 86400
 
 
 def _ms(t0: float) -> float:

@@ -1,19 +1,23 @@
-"""Which generator serves a model, and calling it with retries on transient failures."""
+"""Which generator serves a model, and calling it: retries for transient failures, a circuit
+breaker per provider, and a configured fallback model while a provider is down."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from typing import Awaitable, Callable
 
 from generators.base import (
     GeneratedImage,
     GenerationRequest,
     Generator,
+    GeneratorUnavailable,
     ModelSpec,
     ProgressCallback,
     TransientGeneratorError,
+    UnsupportedRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -41,13 +45,52 @@ class RetryPolicy:
         return max(backoff, retry_after or 0.0)
 
 
+class CircuitBreaker:
+    """Opens after `failures` failed jobs in a row; after `cooldown_s` lets one trial through
+    (half-open): success closes it, failure opens it again."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
+        self.failures, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self._count = 0
+        self._opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def state(self) -> str:
+        if self._opened_at is None:
+            return "closed"
+        return "half-open" if self.clock() - self._opened_at >= self.cooldown_s else "open"
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half-open" and not self._trial:
+            self._trial = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self._count, self._opened_at, self._trial = 0, None, False
+
+    def record_failure(self) -> None:
+        self._count += 1
+        self._trial = False
+        if self._opened_at is not None or self._count >= self.failures:
+            self._opened_at = self.clock()
+
+
 class Router:
     def __init__(
         self,
         generators: list[Generator],
         *,
         retry: RetryPolicy = RetryPolicy(),
+        fallbacks: dict[str, str] | None = None,
+        breaker_failures: int = 3,
+        breaker_cooldown_s: float = 60.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.generators = generators
         self.retry = retry
@@ -62,6 +105,12 @@ class Router:
             for spec in gen.models():
                 for name in (spec.name, *spec.aliases):
                     self._routes.setdefault(name.lower(), Route(gen, spec))
+        self.breakers = {g.provider: CircuitBreaker(breaker_failures, breaker_cooldown_s, clock)
+                         for g in generators}
+        self.fallbacks: dict[str, str] = {}
+        for model, fallback in (fallbacks or {}).items():
+            if model.lower() in self._routes and fallback.lower() in self._routes:
+                self.fallbacks[self.resolve(model).spec.name] = self.resolve(fallback).spec.name
 
     def unavailable(self) -> dict[str, str]:
         return dict(self._unavailable)
@@ -72,6 +121,9 @@ class Router:
             seen.setdefault(route.spec.name, route.spec)
         return list(seen.values())
 
+    def healthy_models(self) -> list[ModelSpec]:
+        return [s for s in self.models() if self.breakers[self.resolve(s.name).generator.provider].state != "open"]
+
     def resolve(self, name: str) -> Route:
         route = self._routes.get(name.lower())
         if route is None:
@@ -80,9 +132,52 @@ class Router:
             raise UnknownModel(f"unknown model {name!r}; available: {known}{why}")
         return route
 
+    def candidates(self, route: Route, request: GenerationRequest) -> list[tuple[Route, GenerationRequest]]:
+        """The route, then its fallback chain, each with the request as that model takes it.
+        A fallback that cannot serve the request as asked (size, seed, kind) is left out."""
+        out = [(route, request)]
+        seen = {route.spec.name}
+        name = self.fallbacks.get(route.spec.name)
+        while name is not None and name not in seen:
+            seen.add(name)
+            fallback = self.resolve(name)
+            moved = replace(request, model=fallback.spec.name)
+            try:
+                fallback.spec.check(moved)
+                out.append((fallback, moved))
+            except UnsupportedRequest:
+                pass
+            name = self.fallbacks.get(name)
+        return out
+
     async def generate(
         self, route: Route, request: GenerationRequest, progress: ProgressCallback | None = None
     ) -> GeneratedImage:
+        """Generate with the route's model, or a fallback while its provider fails. The result
+        names the model that really made the image."""
+        last: Exception | None = None
+        for candidate, req in self.candidates(route, request):
+            breaker = self.breakers[candidate.generator.provider]
+            if not breaker.allow():
+                last = last or TransientGeneratorError(
+                    f"{candidate.generator.provider} is out of rotation after repeated failures")
+                continue
+            try:
+                result = await self._with_retries(candidate, req, progress)
+            except (TransientGeneratorError, GeneratorUnavailable) as exc:
+                breaker.record_failure()
+                log.warning("%s failed: %s", candidate.spec.name, exc)
+                last = exc
+                continue
+            # Other errors (a bad request, a content-policy refusal) are about this request, not
+            # the provider's health, and another model would refuse it too: they propagate.
+            breaker.record_success()
+            return result
+        assert last is not None
+        raise last
+
+    async def _with_retries(self, route: Route, request: GenerationRequest,
+                            progress: ProgressCallback | None) -> GeneratedImage:
         attempt = 0
         while True:
             try:

@@ -67,6 +67,8 @@ MIGRATIONS: list[str] = [
     CREATE TABLE reservations (
         job_id INTEGER PRIMARY KEY,
         user_id TEXT NOT NULL,
+        provider TEXT,
+        paid INTEGER NOT NULL DEFAULT 0,
         amount_micros INTEGER NOT NULL,
         state TEXT NOT NULL,
         charged_micros INTEGER,
@@ -74,6 +76,7 @@ MIGRATIONS: list[str] = [
         closed_at REAL
     );
     CREATE INDEX reservations_state ON reservations(state);
+    CREATE INDEX reservations_paid ON reservations(paid, closed_at);
     CREATE TABLE ledger_entries (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         user_id TEXT NOT NULL,

@@ -22,6 +22,15 @@ def micros_to_usd(micros: int) -> float:
     return micros / MICROS_PER_USD
 
 
+class SpendCapReached(Exception):
+    def __init__(self, cap_micros: int):
+        self.cap_micros = cap_micros
+        super().__init__(
+            f"this server's daily spending cap of ${micros_to_usd(cap_micros):.2f} is reached; "
+            f"paid generation resumes at 00:00 UTC"
+        )
+
+
 class InsufficientFunds(Exception):
     def __init__(self, user_id: str, available_micros: int, needed_micros: int):
         self.user_id = user_id
@@ -77,11 +86,24 @@ class Ledger:
             return Balance(user_id, self.default_allowance_micros, 0)
         return Balance(user_id, row[0], row[1])
 
-    def reserve(self, user_id: str, job_id: int, amount_micros: int) -> Balance:
-        """Hold `amount_micros` for `job_id`, or raise InsufficientFunds and hold nothing."""
+    def reserve(self, user_id: str, job_id: int, amount_micros: int, *, provider: str | None = None,
+                paid: bool = False, daily_cap_micros: int = 0, day_start: float = 0.0) -> Balance:
+        """Hold `amount_micros` for `job_id`, or raise InsufficientFunds and hold nothing.
+
+        `paid` marks money really spent with a provider: with a `daily_cap_micros`, the paid
+        spend settled since `day_start` plus what is held for paid jobs may not exceed it."""
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
         with self.db.transaction() as conn:
+            if paid and daily_cap_micros:
+                committed = conn.execute(
+                    "SELECT COALESCE(SUM(CASE WHEN state = 'held' THEN amount_micros"
+                    " ELSE charged_micros END), 0) FROM reservations WHERE paid = 1"
+                    " AND (state = 'held' OR (state = 'settled' AND closed_at >= ?))",
+                    (day_start,),
+                ).fetchone()[0]
+                if committed + amount_micros > daily_cap_micros:
+                    raise SpendCapReached(daily_cap_micros)
             self._ensure_account(conn, user_id)
             balance, reserved = conn.execute(
                 "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?",
@@ -90,9 +112,9 @@ class Ledger:
             if balance - reserved < amount_micros:
                 raise InsufficientFunds(user_id, balance - reserved, amount_micros)
             conn.execute(
-                "INSERT INTO reservations (job_id, user_id, amount_micros, state, created_at)"
-                " VALUES (?, ?, ?, 'held', ?)",
-                (job_id, user_id, amount_micros, now()),
+                "INSERT INTO reservations (job_id, user_id, provider, paid, amount_micros, state,"
+                " created_at) VALUES (?, ?, ?, ?, ?, 'held', ?)",
+                (job_id, user_id, provider, int(paid), amount_micros, now()),
             )
             conn.execute(
                 "UPDATE accounts SET reserved_micros = reserved_micros + ?, updated_at = ?"
