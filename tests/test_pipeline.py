@@ -291,3 +291,31 @@ async def test_edit_checks_uploads_before_spending(tmp_path):
     ok = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=image, mask=png_bytes(64, 64, 3)))
     assert ok.ok and gen.calls[-1].mask_image is not None
     assert gen.calls == [gen.calls[-1]]  # nothing was generated for the refused ones
+
+
+async def test_daily_spend_cap_stops_paid_generation(tmp_path):
+    gen = PreparedGenerator(provider="openai", price_usd=0.04)
+    app = make_app(tmp_path, gen, budget={"daily_spend_cap_usd": 0.1}, queue={"max_jobs_per_user": 5})
+    outs = [await app.pipeline.submit(JobRequest("imagine", f"user{i}", "a fox")) for i in range(3)]
+    assert [o.status for o in outs] == ["done", "done", "refused"]
+    assert outs[2].error_code == "spend_cap" and "daily spending cap of $0.10" in outs[2].error
+    assert available(app, "user2") == usd_to_micros(1.0)
+    assert app.jobs.spend_by_provider_since(0) == {"openai": usd_to_micros(0.08)}
+
+
+async def test_local_generation_is_not_under_the_spend_cap(tmp_path):
+    gen = PreparedGenerator(provider="local", price_usd=0.04)
+    app = make_app(tmp_path, gen, budget={"daily_spend_cap_usd": 0.05})
+    outs = [await app.pipeline.submit(JobRequest("imagine", "u1", "a fox")) for _ in range(3)]
+    assert all(o.ok for o in outs)
+
+
+async def test_reservation_covers_the_dearest_fallback(tmp_path):
+    cheap = PreparedGenerator(provider="p1", model="cheap", price_usd=0.01,
+                              script=[TransientGeneratorError("down")] * 3)
+    dear = PreparedGenerator(provider="p2", model="dear", price_usd=0.05)
+    app = make_app(tmp_path, cheap, dear, generation={"default_model": "cheap"},
+                   routing={"fallbacks": {"cheap": "dear"}})
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    assert out.ok and out.job.model == "dear" and out.job.provider == "p2"
+    assert out.job.estimate_micros == usd_to_micros(0.05) and out.job.cost_micros == usd_to_micros(0.05)
