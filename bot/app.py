@@ -122,6 +122,7 @@ def build_app(settings: Settings, generators: list[Generator] | None = None, *, 
         max_upload_pixels=gen.max_upload_pixels,
         blocked_outputs_are_paid=settings.moderation.blocked_outputs_are_paid,
         daily_spend_cap_usd=settings.budget.daily_spend_cap_usd,
+        budget_period=settings.budget.period,
     )
     pipeline.recover()
     return App(settings, db, ledger, jobs, blobs, router, pipeline)

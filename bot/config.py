@@ -86,10 +86,13 @@ class BudgetSettings:
     default_allowance_usd: float = 1.0  # what a new user's balance starts at
     # Stops all paid (cloud) generation once this much was spent today (UTC); 0 = no cap.
     daily_spend_cap_usd: float = 0.0
+    # The period that spend reports and guild caps count over: day, week or month (UTC).
+    period: str = "month"
 
     def validate(self) -> None:
         _check(self.default_allowance_usd >= 0, "default_allowance_usd", "cannot be negative")
         _check(self.daily_spend_cap_usd >= 0, "daily_spend_cap_usd", "cannot be negative")
+        _check(self.period in ("day", "week", "month"), "period", "must be day, week or month")
 
 
 @dataclass

@@ -29,12 +29,15 @@ from storage.blobs import LocalBlobStore
 from storage.db import Database
 from storage.jobs import JobRecord, JobStore
 from storage.ledger import (
+    GuildCapReached,
     InsufficientFunds,
     Ledger,
     SpendCapReached,
     micros_to_usd,
+    period_start,
     usd_to_micros,
 )
+from storage.preferences import Preferences
 
 from .flags import MAX_SEED, FlagError, parse_flags, size_for_aspect
 from .queue import FairQueue
@@ -147,6 +150,7 @@ class Pipeline:
         max_upload_pixels: int = 40_000_000,
         blocked_outputs_are_paid: bool = False,
         daily_spend_cap_usd: float = 0.0,
+        budget_period: str = "month",
     ):
         self.db, self.ledger, self.jobs, self.blobs, self.router = db, ledger, jobs, blobs, router
         self.prompt_screen, self.image_screen = prompt_screen, image_screen
@@ -161,6 +165,8 @@ class Pipeline:
         self.max_upload_pixels = max_upload_pixels
         self.blocked_outputs_are_paid = blocked_outputs_are_paid
         self.daily_cap_micros = usd_to_micros(daily_spend_cap_usd)
+        self.budget_period = budget_period
+        self.preferences = Preferences(db)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._queues: dict[str, FairQueue] = {}
         self._in_flight: dict[str, int] = {}
@@ -287,8 +293,11 @@ class Pipeline:
             raise _Refusal(USAGE, "the prompt is empty")
 
         if model_name is None:
+            guild_default = self.preferences.guild(request.guild_id).default_model if request.guild_id else None
             if source is not None and self._can(source.model, request.kind):
                 model_name = source.model
+            elif guild_default and self._can(guild_default, request.kind):
+                model_name = guild_default
             else:
                 model_name = self.default_model
         try:
@@ -418,15 +427,18 @@ class Pipeline:
         # Enough for whichever model ends up serving: the route or one of its fallbacks.
         estimate = max(usd_to_micros(r.generator.estimate_cost(g))
                        for r, g in self.router.candidates(route, gen))
+        guild_cap = self.preferences.guild(request.guild_id).spend_cap_micros if request.guild_id else None
         try:
             self.ledger.reserve(
                 user, job.id, estimate, provider=route.spec.provider,
                 paid=route.spec.provider not in UNPAID_PROVIDERS,
-                daily_cap_micros=self.daily_cap_micros, day_start=_utc_midnight(),
+                daily_cap_micros=self.daily_cap_micros, day_start=period_start("day"),
+                guild_id=request.guild_id, guild_cap_micros=guild_cap,
+                period_start=period_start(self.budget_period),
             )
         except InsufficientFunds as exc:
             return self._finish(job, "refused", OVER_BUDGET, str(exc), timings)
-        except SpendCapReached as exc:
+        except (SpendCapReached, GuildCapReached) as exc:
             return self._finish(job, "refused", SPEND_CAP, str(exc), timings)
         self.jobs.update(job.id, estimate_micros=estimate)
         timings["reserve"] = _ms(t)
@@ -562,7 +574,8 @@ class Pipeline:
             if charge:
                 billed = result.cost_usd if result is not None else None
                 actual = self.jobs.get(job.id).estimate_micros if billed is None else usd_to_micros(billed)
-                values["cost_micros"] = self.ledger.settle(job.id, actual)
+                values["cost_micros"] = self.ledger.settle(
+                    job.id, actual, provider=result.provider if result is not None else None)
             else:
                 self.ledger.release(job.id)
             timings["record"] = _ms(t)
@@ -572,10 +585,6 @@ class Pipeline:
             image_path=str(stored.path) if stored is not None else None,
             balance_usd=micros_to_usd(self.ledger.balance(job.user_id).available_micros),
         )
-
-
-def _utc_midnight() -> float:
-    return (time.time() // 86400) * 86400
 
 
 def _ms(t0: float) -> float:

@@ -89,6 +89,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ledger_user ON ledger_entries(user_id, id);
     """,
+    # 2: per-user and per-guild preferences; reservations remember their guild (guild caps).
+    """
+    CREATE TABLE user_settings (
+        user_id TEXT PRIMARY KEY,
+        model TEXT,
+        aspect TEXT,
+        private INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE guild_settings (
+        guild_id TEXT PRIMARY KEY,
+        default_model TEXT,
+        spend_cap_micros INTEGER,
+        updated_at REAL NOT NULL
+    );
+    ALTER TABLE reservations ADD COLUMN guild_id TEXT;
+    CREATE INDEX reservations_guild ON reservations(guild_id, closed_at);
+    """,
 ]
 
 JOB_STATES = ("queued", "running", "done", "failed", "blocked", "cancelled", "refused")

@@ -7,6 +7,8 @@ never lost or counted twice, even across concurrent writers or a crash.
 """
 from __future__ import annotations
 
+import calendar
+import time
 from dataclasses import dataclass
 
 from .db import Database, now
@@ -22,12 +24,37 @@ def micros_to_usd(micros: int) -> float:
     return micros / MICROS_PER_USD
 
 
+PERIODS = ("day", "week", "month")
+
+
+def period_start(period: str, t: float | None = None) -> float:
+    """The start (UTC) of the budget period that contains time `t`."""
+    t = time.time() if t is None else t
+    g = time.gmtime(t)
+    if period == "day":
+        return calendar.timegm((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0))
+    if period == "week":  # weeks start on Monday
+        return calendar.timegm((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0)) - g.tm_wday * 86400
+    if period == "month":
+        return calendar.timegm((g.tm_year, g.tm_mon, 1, 0, 0, 0))
+    raise ValueError(f"unknown budget period {period!r}; periods: {', '.join(PERIODS)}")
+
+
 class SpendCapReached(Exception):
     def __init__(self, cap_micros: int):
         self.cap_micros = cap_micros
         super().__init__(
             f"this server's daily spending cap of ${micros_to_usd(cap_micros):.2f} is reached; "
             f"paid generation resumes at 00:00 UTC"
+        )
+
+
+class GuildCapReached(Exception):
+    def __init__(self, cap_micros: int):
+        self.cap_micros = cap_micros
+        super().__init__(
+            f"this server's spending cap of ${micros_to_usd(cap_micros):.2f} for this budget "
+            f"period is reached; ask an admin to raise it"
         )
 
 
@@ -87,14 +114,26 @@ class Ledger:
         return Balance(user_id, row[0], row[1])
 
     def reserve(self, user_id: str, job_id: int, amount_micros: int, *, provider: str | None = None,
-                paid: bool = False, daily_cap_micros: int = 0, day_start: float = 0.0) -> Balance:
+                paid: bool = False, daily_cap_micros: int = 0, day_start: float = 0.0,
+                guild_id: str | None = None, guild_cap_micros: int | None = None,
+                period_start: float = 0.0) -> Balance:
         """Hold `amount_micros` for `job_id`, or raise InsufficientFunds and hold nothing.
 
         `paid` marks money really spent with a provider: with a `daily_cap_micros`, the paid
-        spend settled since `day_start` plus what is held for paid jobs may not exceed it."""
+        spend settled since `day_start` plus what is held for paid jobs may not exceed it.
+        With a `guild_cap_micros`, the same holds for the guild's spend since `period_start`."""
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
         with self.db.transaction() as conn:
+            if guild_id is not None and guild_cap_micros is not None:
+                committed = conn.execute(
+                    "SELECT COALESCE(SUM(CASE WHEN state = 'held' THEN amount_micros"
+                    " ELSE charged_micros END), 0) FROM reservations WHERE guild_id = ?"
+                    " AND (state = 'held' OR (state = 'settled' AND closed_at >= ?))",
+                    (guild_id, period_start),
+                ).fetchone()[0]
+                if committed + amount_micros > guild_cap_micros:
+                    raise GuildCapReached(guild_cap_micros)
             if paid and daily_cap_micros:
                 committed = conn.execute(
                     "SELECT COALESCE(SUM(CASE WHEN state = 'held' THEN amount_micros"
@@ -112,9 +151,9 @@ class Ledger:
             if balance - reserved < amount_micros:
                 raise InsufficientFunds(user_id, balance - reserved, amount_micros)
             conn.execute(
-                "INSERT INTO reservations (job_id, user_id, provider, paid, amount_micros, state,"
-                " created_at) VALUES (?, ?, ?, ?, ?, 'held', ?)",
-                (job_id, user_id, provider, int(paid), amount_micros, now()),
+                "INSERT INTO reservations (job_id, user_id, guild_id, provider, paid, amount_micros,"
+                " state, created_at) VALUES (?, ?, ?, ?, ?, ?, 'held', ?)",
+                (job_id, user_id, guild_id, provider, int(paid), amount_micros, now()),
             )
             conn.execute(
                 "UPDATE accounts SET reserved_micros = reserved_micros + ?, updated_at = ?"
@@ -123,8 +162,9 @@ class Ledger:
             )
             return Balance(user_id, balance, reserved + amount_micros)
 
-    def settle(self, job_id: int, actual_micros: int) -> int:
+    def settle(self, job_id: int, actual_micros: int, provider: str | None = None) -> int:
         """Charge the job's actual cost, at most what was reserved; returns the amount charged.
+        `provider` records who really served it (a fallback may have).
 
         Settling a reservation that is no longer held charges nothing (idempotent)."""
         with self.db.transaction() as conn:
@@ -137,9 +177,9 @@ class Ledger:
             user_id, held = row
             charged = max(0, min(actual_micros, held))
             conn.execute(
-                "UPDATE reservations SET state = 'settled', charged_micros = ?, closed_at = ?"
-                " WHERE job_id = ?",
-                (charged, now(), job_id),
+                "UPDATE reservations SET state = 'settled', charged_micros = ?, closed_at = ?,"
+                " provider = COALESCE(?, provider) WHERE job_id = ?",
+                (charged, now(), provider, job_id),
             )
             conn.execute(
                 "UPDATE accounts SET reserved_micros = reserved_micros - ?,"
@@ -197,6 +237,29 @@ class Ledger:
             )
             self._entry(conn, user_id, None, "grant", amount_micros, actor)
         return self.balance(user_id)
+
+    def reset(self, user_id: str, actor: str | None = None) -> Balance:
+        """Back to the default allowance."""
+        return self.set_balance(user_id, self.default_allowance_micros, actor)
+
+    def top_spenders(self, since: float, limit: int = 10, guild_id: str | None = None) -> list[tuple[str, int]]:
+        sql = ("SELECT user_id, SUM(charged_micros) AS spent FROM reservations"
+               " WHERE state = 'settled' AND closed_at >= ?")
+        params: tuple = (since,)
+        if guild_id is not None:
+            sql += " AND guild_id = ?"
+            params += (guild_id,)
+        sql += " GROUP BY user_id HAVING spent > 0 ORDER BY spent DESC LIMIT ?"
+        return [(r[0], r[1]) for r in self.db.query(sql, params + (limit,))]
+
+    def spend_by_provider(self, since: float, guild_id: str | None = None) -> dict[str, int]:
+        sql = ("SELECT provider, SUM(charged_micros) FROM reservations"
+               " WHERE state = 'settled' AND closed_at >= ?")
+        params: tuple = (since,)
+        if guild_id is not None:
+            sql += " AND guild_id = ?"
+            params += (guild_id,)
+        return {r[0]: r[1] for r in self.db.query(sql + " GROUP BY provider", params)}
 
     def spent_since(self, user_id: str, since: float) -> int:
         row = self.db.query_one(

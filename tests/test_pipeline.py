@@ -319,3 +319,20 @@ async def test_reservation_covers_the_dearest_fallback(tmp_path):
     out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
     assert out.ok and out.job.model == "dear" and out.job.provider == "p2"
     assert out.job.estimate_micros == usd_to_micros(0.05) and out.job.cost_micros == usd_to_micros(0.05)
+
+
+async def test_guild_cap_and_guild_default_model(tmp_path):
+    from storage.preferences import GuildSettings
+
+    cheap = PreparedGenerator(provider="p1", model="cheap", price_usd=0.01)
+    dear = PreparedGenerator(provider="p2", model="dear", price_usd=0.3)
+    app = make_app(tmp_path, cheap, dear, generation={"default_model": "cheap"})
+    app.pipeline.preferences.set_guild(GuildSettings("g1", default_model="dear", spend_cap_micros=usd_to_micros(0.5)))
+    first = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", guild_id="g1"))
+    assert first.ok and first.job.model == "dear"
+    second = await app.pipeline.submit(JobRequest("imagine", "u2", "a fox", guild_id="g1"))
+    assert second.error_code == "spend_cap" and "spending cap of $0.50" in second.error
+    elsewhere = await app.pipeline.submit(JobRequest("imagine", "u2", "a fox", guild_id="g2"))
+    assert elsewhere.ok and elsewhere.job.model == "cheap"
+    assert app.ledger.top_spenders(0, guild_id="g1") == [("u1", usd_to_micros(0.3))]
+    assert app.ledger.spend_by_provider(0) == {"p2": usd_to_micros(0.3), "p1": usd_to_micros(0.01)}

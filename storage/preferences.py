@@ -1,0 +1,59 @@
+"""What users and guilds chose: a user's defaults (model, aspect, private results) and a guild's
+default model and spending cap."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .db import Database, now
+
+
+@dataclass(frozen=True)
+class UserSettings:
+    user_id: str
+    model: str | None = None
+    aspect: str | None = None
+    private: bool = False
+
+
+@dataclass(frozen=True)
+class GuildSettings:
+    guild_id: str
+    default_model: str | None = None
+    spend_cap_micros: int | None = None  # per budget period; None: no cap
+
+
+class Preferences:
+    def __init__(self, db: Database):
+        self.db = db
+
+    def user(self, user_id: str) -> UserSettings:
+        row = self.db.query_one("SELECT model, aspect, private FROM user_settings WHERE user_id = ?", (user_id,))
+        if row is None:
+            return UserSettings(user_id)
+        return UserSettings(user_id, row[0], row[1], bool(row[2]))
+
+    def set_user(self, settings: UserSettings) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO user_settings (user_id, model, aspect, private, updated_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT(user_id) DO UPDATE SET model = excluded.model, aspect = excluded.aspect,"
+                " private = excluded.private, updated_at = excluded.updated_at",
+                (settings.user_id, settings.model, settings.aspect, int(settings.private), now()),
+            )
+
+    def guild(self, guild_id: str) -> GuildSettings:
+        row = self.db.query_one(
+            "SELECT default_model, spend_cap_micros FROM guild_settings WHERE guild_id = ?", (guild_id,))
+        if row is None:
+            return GuildSettings(guild_id)
+        return GuildSettings(guild_id, row[0], row[1])
+
+    def set_guild(self, settings: GuildSettings) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO guild_settings (guild_id, default_model, spend_cap_micros, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT(guild_id) DO UPDATE SET"
+                " default_model = excluded.default_model, spend_cap_micros = excluded.spend_cap_micros,"
+                " updated_at = excluded.updated_at",
+                (settings.guild_id, settings.default_model, settings.spend_cap_micros, now()),
+            )
