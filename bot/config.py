@@ -197,6 +197,46 @@ class RoutingSettings:
 
 
 @dataclass
+class DiscordSettings:
+    # The environment variable that holds the bot token.
+    token_env: str = "DISCORD_TOKEN"
+    # Discord-compatible REST base and gateway (for REST/gateway proxies); the environment
+    # variables DISCORD_API_BASE and DISCORD_GATEWAY_URL win over these. Empty: Discord itself.
+    api_base: str = ""
+    gateway_url: str = ""
+    # Guild ids to sync commands to at once (handy while testing); empty: global commands.
+    sync_guilds: list[str] = field(default_factory=list)
+    # Role names or ids whose members may run /budget; empty: members with Manage Server.
+    admin_roles: list[str] = field(default_factory=list)
+    # Least seconds between two progress edits of one message (Discord rate limits).
+    progress_interval_s: float = 2.0
+    # Most images one /imagine may ask for.
+    max_count: int = 4
+    # On shutdown, how long running jobs get to finish before they are cancelled and refunded.
+    shutdown_grace_s: float = 30.0
+
+    def validate(self) -> None:
+        _check(bool(self.token_env.strip()), "token_env", "must name an environment variable")
+        for key in ("api_base", "gateway_url"):
+            value = getattr(self, key)
+            _check(not value or value.startswith(("http://", "https://", "ws://", "wss://")), key,
+                   "must be a URL")
+        _check(all(g.isdigit() for g in self.sync_guilds), "sync_guilds", "must be guild ids (digits)")
+        _check(self.progress_interval_s >= 1.0, "progress_interval_s", "must be at least 1")
+        _check(1 <= self.max_count <= 4, "max_count", "must be 1-4")
+        _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", "cannot be negative")
+
+    def token(self) -> str | None:
+        return os.environ.get(self.token_env) or None
+
+    def resolved_api_base(self) -> str | None:
+        return os.environ.get("DISCORD_API_BASE") or self.api_base or None
+
+    def resolved_gateway_url(self) -> str | None:
+        return os.environ.get("DISCORD_GATEWAY_URL") or self.gateway_url or None
+
+
+@dataclass
 class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -206,6 +246,7 @@ class Settings:
     moderation: ModerationSettings = field(default_factory=ModerationSettings)
     generators: GeneratorsSettings = field(default_factory=GeneratorsSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    discord: DiscordSettings = field(default_factory=DiscordSettings)
     # Where the settings came from (None: built-in defaults) and what relative paths resolve to.
     source: Path | None = field(default=None, metadata={"internal": True})
     base_dir: Path = field(default_factory=Path.cwd, metadata={"internal": True})

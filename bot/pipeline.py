@@ -228,6 +228,15 @@ class Pipeline:
         finally:
             self._tasks.pop(job.id, None)
 
+    async def _keep_uploads(self, request: JobRequest, gen: GenerationRequest) -> dict[str, str]:
+        """Store uploaded inputs next to the results, so that the job can be made again."""
+        kept = {}
+        if request.image is not None and gen.source_image is not None:
+            kept["source_sha256"] = (await asyncio.to_thread(self.blobs.put, gen.source_image)).key
+        if gen.mask_image is not None:
+            kept["mask_sha256"] = (await asyncio.to_thread(self.blobs.put, gen.mask_image)).key
+        return kept
+
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job; True if it was in flight here."""
         task = self._tasks.get(job_id)
@@ -417,6 +426,9 @@ class Pipeline:
             )
             if not verdict.allowed:
                 return self._finish(job, "blocked", BLOCKED, f"the uploaded image: {verdict.reason}", timings)
+        kept = await self._keep_uploads(request, gen)  # only screened uploads are kept
+        if kept:
+            self.jobs.update(job.id, **kept)
 
         if self._in_flight.get(user, 0) >= self.max_jobs_per_user:
             return self._finish(

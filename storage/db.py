@@ -89,7 +89,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX ledger_user ON ledger_entries(user_id, id);
     """,
-    # 2: per-user and per-guild preferences; reservations remember their guild (guild caps).
+    # 2: per-user and per-guild preferences; reservations remember their guild (guild caps);
+    # jobs keep their uploaded inputs (edits can be reproduced).
     """
     CREATE TABLE user_settings (
         user_id TEXT PRIMARY KEY,
@@ -105,6 +106,8 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     ALTER TABLE reservations ADD COLUMN guild_id TEXT;
+    ALTER TABLE jobs ADD COLUMN source_sha256 TEXT;
+    ALTER TABLE jobs ADD COLUMN mask_sha256 TEXT;
     CREATE INDEX reservations_guild ON reservations(guild_id, closed_at);
     """,
 ]

@@ -42,6 +42,8 @@ class JobRecord:
     timings: dict[str, float] = field(default_factory=dict)
     message_id: str | None = None
     owner: str | None = None  # host:pid of the process running the job
+    source_sha256: str | None = None  # an uploaded input image, kept in the blob store
+    mask_sha256: str | None = None
     created_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None

@@ -290,6 +290,9 @@ async def test_edit_checks_uploads_before_spending(tmp_path):
     assert out.error_code == "usage" and "must match" in out.error
     ok = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=image, mask=png_bytes(64, 64, 3)))
     assert ok.ok and gen.calls[-1].mask_image is not None
+    # the inputs are kept, so the edit can be made again
+    assert app.blobs.get(ok.job.source_sha256) == gen.calls[-1].source_image
+    assert app.blobs.get(ok.job.mask_sha256) == gen.calls[-1].mask_image
     assert gen.calls == [gen.calls[-1]]  # nothing was generated for the refused ones
 
 
