@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the models that can be used, and why others cannot")
     sub.add_parser("check", help="validate the settings and report which generators are usable")
     sub.add_parser("serve", help="serve stored images over HTTP")
+    sub.add_parser("run", help="run the Discord bot (token from $DISCORD_TOKEN) and the image server")
     return parser
 
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "imagine": _job_command, "variation": _job_command, "edit": _job_command,
         "upscale": _job_command, "jobs": _jobs, "budget": _budget, "models": _models,
-        "check": _check, "serve": _serve,
+        "check": _check, "serve": _serve, "run": _run_bot,
     }[args.command]
     try:
         return handler(settings, args)
@@ -321,6 +322,28 @@ def _serve(settings, args) -> int:
     print(f"serving {store.root} at http://{settings.server.host}:{settings.server.port}/images/")
     web.run_app(make_image_app(store), host=settings.server.host, port=settings.server.port,
                 print=None)
+    return EXIT_OK
+
+
+def _run_bot(settings, args) -> int:
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("discord") is None:
+        return _fail("the Discord bot needs the discord extra: pip install 'easel[discord]'", EXIT_USAGE)
+    if settings.discord.token() is None:
+        return _fail(f"the bot token is read from ${settings.discord.token_env}, which is not set", EXIT_USAGE)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .discord_bot.client import serve
+
+    async def main() -> None:
+        app = _app(settings)
+        try:
+            await serve(settings, app)
+        finally:
+            await app.close()
+
+    asyncio.run(main())
     return EXIT_OK
 
 

@@ -1,0 +1,533 @@
+"""The Discord front end: turns interactions, button clicks and reactions into pipeline requests,
+and what the pipeline returns into messages. It formats; the pipeline decides."""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import time
+from typing import Awaitable, Callable
+
+import discord
+
+from storage.jobs import JobRecord
+from storage.ledger import micros_to_usd, period_start, usd_to_micros
+from storage.preferences import GuildSettings, UserSettings
+
+from ..app import App
+from ..config import DiscordSettings
+from ..flags import FlagError, parse_aspect, parse_flags
+from ..pipeline import JobEvent, JobOutcome, JobRequest
+from .results import (
+    REACTIONS,
+    action_for_emoji,
+    image_file,
+    is_expired_token_error,
+    progress_text,
+    refusal_text,
+    result_embed,
+    result_view,
+    token_expired,
+)
+
+log = logging.getLogger(__name__)
+MESSAGE_LINK = re.compile(r"https://(?:\w+\.)?discord(?:app)?\.com/channels/(?:\d+|@me)/\d+/(\d+)")
+
+
+class Refused(Exception):
+    """A request the front end turns down before anything is spent; the message is for the user."""
+
+
+class ProgressMessage:
+    """Edits one message with the queue position and progress, at most once per `interval_s`."""
+
+    def __init__(self, edit: Callable[..., Awaitable[object]], interval_s: float):
+        self._edit, self._interval = edit, interval_s
+        self._latest: JobEvent | None = None
+        self._changed = asyncio.Event()
+        self._last_edit = 0.0
+        self._task: asyncio.Task | None = None
+
+    def on_event(self, event: JobEvent) -> None:
+        self._latest = event
+        self._changed.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self._changed.wait()
+            wait = self._last_edit + self._interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._changed.clear()
+            event = self._latest
+            kwargs: dict = {"content": progress_text(event.state, event.position, event.fraction)}
+            if event.preview:
+                kwargs["attachments"] = [discord.File(io.BytesIO(event.preview), filename="preview.png")]
+            self._last_edit = time.monotonic()
+            try:
+                await self._edit(**kwargs)
+            except discord.HTTPException as exc:
+                log.info("progress edit failed (%s); no more progress for this job", exc)
+                return
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+def _channel_is_nsfw(channel) -> bool:
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else bool(getattr(channel, "nsfw", False))
+
+
+class Frontend:
+    def __init__(self, client: discord.Client, app: App, settings: DiscordSettings):
+        self.client, self.app, self.settings = client, app, settings
+        self.accepting = True
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- shared -------------------------------------------------------------------------------
+
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Take no new work; let running jobs finish for `grace_s`, then cancel (refund) the rest."""
+        self.accepting = False
+        pending = {t for t in self._tasks if not t.done()}
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace_s)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=10)
+
+    def _base_request(self, interaction_or_payload, user_id: int, channel) -> dict:
+        guild_id = getattr(interaction_or_payload, "guild_id", None)
+        return dict(user_id=str(user_id), guild_id=str(guild_id) if guild_id else None,
+                    channel_id=str(channel.id) if channel is not None else None,
+                    nsfw_channel=_channel_is_nsfw(channel))
+
+    def is_admin(self, member) -> bool:
+        roles = set(self.settings.admin_roles)
+        if roles:
+            return any(str(r.id) in roles or r.name in roles for r in getattr(member, "roles", []))
+        perms = getattr(member, "guild_permissions", None)
+        return bool(perms and perms.manage_guild)
+
+    async def _refuse(self, interaction: discord.Interaction, text: str) -> None:
+        if interaction.response.is_done():
+            await interaction.followup.send(text, ephemeral=True)
+        else:
+            await interaction.response.send_message(text, ephemeral=True)
+
+    async def _gatekeep(self, interaction: discord.Interaction) -> bool:
+        if not self.accepting:
+            await self._refuse(interaction, "\u23f8\ufe0f easel is restarting; try again in a minute.")
+            return False
+        return True
+
+    def _resolve_job(self, text: str | None, user_id: int) -> int | None:
+        """A job id from '17', 'job 17' or a link to its result message; None: the user's last."""
+        if not text:
+            return None
+        text = text.strip()
+        m = re.fullmatch(r"(?:job\s*)?#?(\d{1,12})", text, re.I)
+        if m:
+            return int(m.group(1))
+        m = MESSAGE_LINK.fullmatch(text)
+        if m:
+            job = self.app.jobs.by_message(m.group(1))
+            if job is None:
+                raise Refused("that message is not an easel result")
+            return job.id
+        raise Refused("give a job number (like 17) or a link to a result message")
+
+    # ---- running jobs for an interaction ---------------------------------------------------------
+
+    async def run_for_interaction(self, interaction: discord.Interaction, requests: list[JobRequest],
+                                  *, private: bool, started: float) -> list[JobOutcome]:
+        self._track()
+        progress = ProgressMessage(interaction.edit_original_response, self.settings.progress_interval_s)
+        outcomes = await asyncio.gather(*[
+            self.app.pipeline.submit(r, on_event=progress.on_event if i == 0 else None)
+            for i, r in enumerate(requests)
+        ])
+        await progress.stop()
+        delivered = 0
+        for outcome in outcomes:
+            if outcome.ok:
+                await self._deliver(interaction, outcome, started, private=private, first=delivered == 0)
+                delivered += 1
+        refusals = [o for o in outcomes if not o.ok]
+        if refusals:
+            text = "\n".join(dict.fromkeys(refusal_text(o) for o in refusals))
+            if not delivered:
+                # The deferred "thinking" message may be public; the refusal is for the user alone.
+                try:
+                    await interaction.delete_original_response()
+                except discord.HTTPException:
+                    pass
+            await self._tell(interaction, text, started)
+        return list(outcomes)
+
+    async def _tell(self, interaction: discord.Interaction, text: str, started: float) -> None:
+        if not token_expired(started):
+            try:
+                await interaction.followup.send(text, ephemeral=True)
+                return
+            except discord.HTTPException as exc:
+                if not is_expired_token_error(exc):
+                    raise
+        if interaction.channel is not None:
+            await interaction.channel.send(f"<@{interaction.user.id}> {text}", delete_after=120,
+                                           allowed_mentions=discord.AllowedMentions(users=True))
+
+    async def _result_parts(self, outcome: JobOutcome, limit: int):
+        job = outcome.job
+        data = await asyncio.to_thread(self.app.blobs.get, job.sha256)
+        file, compressed = await asyncio.to_thread(image_file, job, data, limit)
+        embed = result_embed(job, outcome.balance_usd, file.filename, job.image_url)
+        if compressed:
+            embed.add_field(name="Full size", value=f"[{job.width}\u00d7{job.height} PNG]({job.image_url})", inline=False)
+        return file, embed, result_view(job)
+
+    async def _deliver(self, interaction: discord.Interaction, outcome: JobOutcome, started: float,
+                       *, private: bool, first: bool) -> None:
+        file, embed, view = await self._result_parts(outcome, interaction.filesize_limit)
+        message = None
+        if not token_expired(started):
+            try:
+                if first:
+                    message = await interaction.edit_original_response(
+                        content=None, embed=embed, attachments=[file], view=view)
+                else:
+                    message = await interaction.followup.send(embed=embed, file=file, view=view,
+                                                              ephemeral=private, wait=True)
+            except discord.HTTPException as exc:
+                if not is_expired_token_error(exc):
+                    raise
+                file.reset()
+        if message is None:
+            # The interaction token has expired: post as a normal message that mentions the user.
+            message = await interaction.channel.send(
+                content=f"<@{interaction.user.id}> your image is ready", embed=embed, file=file,
+                view=view, allowed_mentions=discord.AllowedMentions(users=True))
+            private = False
+        self.app.jobs.update(outcome.job.id, message_id=str(message.id))
+        if not private:
+            await self._add_reactions(message)
+
+    async def _add_reactions(self, message) -> None:
+        for emoji in REACTIONS:
+            try:
+                await message.add_reaction(emoji)
+            except discord.HTTPException as exc:
+                log.info("could not add reaction %s: %s", emoji, exc)
+                return
+
+    # ---- running jobs from a reaction (no interaction to answer) --------------------------------
+
+    async def run_in_channel(self, channel, user_id: int, request: JobRequest, reply_to: int) -> JobOutcome:
+        self._track()
+        mention = discord.AllowedMentions(users=True)
+        status = await channel.send(
+            f"<@{user_id}> \u23f3 working on it\u2026", allowed_mentions=mention,
+            reference=discord.MessageReference(message_id=reply_to, channel_id=channel.id, fail_if_not_exists=False))
+        progress = ProgressMessage(status.edit, self.settings.progress_interval_s)
+        outcome = await self.app.pipeline.submit(request, on_event=progress.on_event)
+        await progress.stop()
+        if not outcome.ok:
+            await status.edit(content=f"<@{user_id}> {refusal_text(outcome)}", delete_after=120)
+            return outcome
+        limit = getattr(getattr(channel, "guild", None), "filesize_limit", 10 * 1024 * 1024)
+        file, embed, view = await self._result_parts(outcome, limit)
+        message = await status.edit(content=f"<@{user_id}>", embed=embed, attachments=[file], view=view)
+        self.app.jobs.update(outcome.job.id, message_id=str(message.id))
+        await self._add_reactions(message)
+        return outcome
+
+    # ---- actions on a result (buttons and reactions) ------------------------------------------
+
+    def action_request(self, action: str, job: JobRecord, base: dict) -> JobRequest:
+        """The request a click or reaction makes; it is charged to whoever clicked."""
+        if action == "variation":
+            return JobRequest("variation", source_job_id=job.id, model=job.model, **base)
+        if action == "upscale":
+            return JobRequest("upscale", source_job_id=job.id, **base)
+        # reroll: the same request with a new seed
+        common = dict(prompt=job.prompt, negative_prompt=job.negative_prompt, model=job.model,
+                      options=dict(job.options), **base)
+        if job.kind == "imagine":
+            return JobRequest("imagine", size=(job.width, job.height), **common)
+        if job.kind == "variation":
+            source = self._input_bytes(job.source_sha256)
+            return JobRequest("variation", source_job_id=job.source_job_id, image=source,
+                              strength=job.strength, **common)
+        if job.kind == "edit":
+            return JobRequest("edit", image=self._input_bytes(job.source_sha256),
+                              mask=self._input_bytes(job.mask_sha256), **common)
+        return JobRequest("upscale", source_job_id=job.source_job_id, image=self._input_bytes(job.source_sha256), **base)
+
+    def _input_bytes(self, key: str | None) -> bytes | None:
+        return self.app.blobs.get(key) if key else None
+
+    async def on_result_action(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
+        if not await self._gatekeep(interaction):
+            return
+        started = time.monotonic()
+        job = self.app.jobs.get(job_id)
+        if job is None:
+            await self._refuse(interaction, f"job {job_id} no longer exists")
+            return
+        if action == "delete":
+            await self._delete_result(interaction, job)
+            return
+        await interaction.response.defer(thinking=True)
+        request = self.action_request(action, job, self._base_request(interaction, interaction.user.id, interaction.channel))
+        await self.run_for_interaction(interaction, [request], private=False, started=started)
+
+    async def _delete_result(self, interaction: discord.Interaction, job: JobRecord) -> None:
+        if str(interaction.user.id) != job.user_id and not self.is_admin(interaction.user):
+            await self._refuse(interaction, "only the person who asked for this image, or an admin, can delete it")
+            return
+        await interaction.response.defer(ephemeral=True, thinking=False)
+        if interaction.message is not None:
+            await interaction.message.delete()
+        self.app.jobs.update(job.id, message_id=None)
+
+    async def on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
+        if not self.accepting or self.client.user is None or payload.user_id == self.client.user.id:
+            return
+        action = action_for_emoji(payload.emoji.name or "")
+        if action is None:
+            return
+        job = self.app.jobs.by_message(str(payload.message_id))
+        if job is None:
+            return
+        channel = self.client.get_channel(payload.channel_id) or self.client.get_partial_messageable(payload.channel_id)
+        if action == "delete":
+            if str(payload.user_id) == job.user_id or self.is_admin(payload.member):
+                await channel.get_partial_message(payload.message_id).delete()
+                self.app.jobs.update(job.id, message_id=None)
+            return
+        request = self.action_request(action, job, self._base_request(payload, payload.user_id, channel))
+        await self.run_in_channel(channel, payload.user_id, request, payload.message_id)
+
+    # ---- slash commands --------------------------------------------------------------------------
+
+    async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str | None,
+                      seed: int | None, model: str | None, aspect: str | None, quality: str | None,
+                      count: int) -> None:
+        if not await self._gatekeep(interaction):
+            return
+        started = time.monotonic()
+        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))
+        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
+        try:
+            if count > self.settings.max_count:
+                raise Refused(f"at most {self.settings.max_count} images at once")
+            ratio = parse_aspect(aspect) if aspect else None
+            if ratio is None and prefs.aspect:
+                try:
+                    has_inline = parse_flags(prompt).aspect is not None
+                except FlagError:
+                    has_inline = False  # the pipeline reports the flag error
+                ratio = None if has_inline else parse_aspect(prefs.aspect)
+        except (Refused, FlagError) as exc:
+            await self._finish_refused(interaction, str(exc))
+            return
+        if seed is None and count > 1:
+            try:
+                seed = parse_flags(prompt).seed
+            except FlagError:
+                seed = None
+            if seed is not None:  # each image its own seed: seed, seed+1, ...
+                prompt = re.sub(r"(?:--|\u2014|\u2013)seed\s+\d+", "", prompt)
+        base = self._base_request(interaction, interaction.user.id, interaction.channel)
+        options = {"quality": quality} if quality else {}
+        requests = [
+            JobRequest("imagine", prompt=prompt, negative_prompt=negative,
+                       seed=None if seed is None else seed + i,
+                       model=model or prefs.model, aspect=ratio, options=options, **base)
+            for i in range(count)
+        ]
+        await self.run_for_interaction(interaction, requests, private=prefs.private, started=started)
+
+    async def _finish_refused(self, interaction: discord.Interaction, text: str) -> None:
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException:
+            pass
+        await interaction.followup.send(f"\u2753 {text}.", ephemeral=True)
+
+    async def _attachment_bytes(self, attachment: discord.Attachment | None, what: str) -> bytes | None:
+        if attachment is None:
+            return None
+        limit = self.app.pipeline.max_upload_bytes
+        if not (attachment.content_type or "").startswith("image/"):
+            raise Refused(f"the {what} must be an image (PNG, JPEG or WebP), not {attachment.content_type or 'an unknown type'}")
+        if attachment.size > limit:
+            raise Refused(f"the {what} is {attachment.size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB")
+        return await attachment.read()
+
+    async def edit(self, interaction: discord.Interaction, image: discord.Attachment,
+                   mask: discord.Attachment | None, prompt: str, model: str | None) -> None:
+        if not await self._gatekeep(interaction):
+            return
+        started = time.monotonic()
+        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))
+        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
+        try:
+            image_bytes = await self._attachment_bytes(image, "image")
+            mask_bytes = await self._attachment_bytes(mask, "mask")
+        except Refused as exc:
+            await self._finish_refused(interaction, str(exc))
+            return
+        request = JobRequest("edit", prompt=prompt, image=image_bytes, mask=mask_bytes,
+                             model=model or prefs.model,
+                             **self._base_request(interaction, interaction.user.id, interaction.channel))
+        await self.run_for_interaction(interaction, [request], private=prefs.private, started=started)
+
+    async def variation(self, interaction: discord.Interaction, job: str | None,
+                        image: discord.Attachment | None, seed: int | None, strength: float | None) -> None:
+        await self._from_earlier(interaction, "variation", job, image, seed=seed, strength=strength)
+
+    async def upscale(self, interaction: discord.Interaction, job: str | None) -> None:
+        await self._from_earlier(interaction, "upscale", job, None)
+
+    async def _from_earlier(self, interaction, kind: str, job: str | None, image, **extra) -> None:
+        if not await self._gatekeep(interaction):
+            return
+        started = time.monotonic()
+        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))
+        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
+        try:
+            job_id = self._resolve_job(job, interaction.user.id)
+            image_bytes = await self._attachment_bytes(image, "image")
+        except Refused as exc:
+            await self._finish_refused(interaction, str(exc))
+            return
+        request = JobRequest(kind, source_job_id=job_id, image=image_bytes,
+                             **{k: v for k, v in extra.items() if v is not None},
+                             **self._base_request(interaction, interaction.user.id, interaction.channel))
+        await self.run_for_interaction(interaction, [request], private=prefs.private, started=started)
+
+    async def usage(self, interaction: discord.Interaction) -> None:
+        user = str(interaction.user.id)
+        ledger = self.app.ledger
+        balance = ledger.balance(user)
+        period = self.app.pipeline.budget_period
+        spent = ledger.spent_since(user, period_start(period))
+        lines = [f"**Balance** ${micros_to_usd(balance.available_micros):.4f}"
+                 + (f" (${micros_to_usd(balance.reserved_micros):.4f} held for running jobs)" if balance.reserved_micros else ""),
+                 f"**Spent this {period}** ${micros_to_usd(spent):.4f}"]
+        recent = self.app.jobs.list(user_id=user, limit=5)
+        if recent:
+            lines.append("**Recent jobs**")
+            for j in recent:
+                lines.append(f"`{j.id}` {j.status} \u00b7 {j.kind} \u00b7 {j.model or '-'} \u00b7 "
+                             f"${micros_to_usd(j.cost_micros):.4f} \u00b7 {discord.utils.escape_markdown(j.prompt[:60])}")
+        await interaction.response.send_message("\n".join(lines), ephemeral=True)
+
+    async def user_settings(self, interaction: discord.Interaction, model: str | None,
+                            aspect: str | None, private: bool | None) -> None:
+        prefs = self.app.pipeline.preferences
+        current = prefs.user(str(interaction.user.id))
+        try:
+            if model is not None and model.lower() not in ("default", "none", ""):
+                model = self.app.router.resolve(model).spec.name
+            if aspect is not None and aspect.lower() not in ("default", "none", ""):
+                parse_aspect(aspect)
+        except Exception as exc:  # UnknownModel, FlagError: both carry a message for the user
+            await interaction.response.send_message(f"\u2753 {exc}", ephemeral=True)
+            return
+
+        def pick(new, old):
+            if new is None:
+                return old
+            return None if str(new).lower() in ("default", "none", "") else new
+
+        updated = UserSettings(current.user_id, pick(model, current.model), pick(aspect, current.aspect),
+                               current.private if private is None else private)
+        if updated != current:
+            prefs.set_user(updated)
+        await interaction.response.send_message(
+            f"Your defaults: model **{updated.model or 'server default'}**, aspect "
+            f"**{updated.aspect or 'model default'}**, results **{'private' if updated.private else 'public'}**.",
+            ephemeral=True)
+
+    def model_choices(self, current: str) -> list[str]:
+        current = current.lower()
+        names = sorted(s.name for s in self.app.router.healthy_models())
+        return [n for n in names if current in n.lower()][:25]
+
+    # ---- /budget (admins) --------------------------------------------------------------------
+
+    async def budget(self, interaction: discord.Interaction, action: str, user: discord.Member | None = None,
+                     amount: float | None = None, period: str | None = None) -> None:
+        if not self.is_admin(interaction.user):
+            await self._refuse(interaction, "\U0001f512 only admins can manage budgets")
+            return
+        ledger = self.app.ledger
+        actor = f"discord:{interaction.user.id}"
+        if action in ("set", "grant", "guild-cap") and (amount is None or amount < 0 and action != "grant"):
+            await self._refuse(interaction, f"/budget {action} needs an amount in USD (0 or more)")
+            return
+        period = period or self.app.pipeline.budget_period
+        if action == "report":
+            await interaction.response.send_message(self._report(interaction, period), ephemeral=True)
+            return
+        if action == "guild-cap":
+            if interaction.guild_id is None:
+                await self._refuse(interaction, "a guild cap is set in a server")
+                return
+            prefs = self.app.pipeline.preferences
+            current = prefs.guild(str(interaction.guild_id))
+            cap = usd_to_micros(amount) if amount > 0 else None
+            prefs.set_guild(GuildSettings(current.guild_id, current.default_model, cap))
+            text = f"This server's spending cap is now ${amount:.2f} per {self.app.pipeline.budget_period}." if cap else \
+                "This server has no spending cap now."
+            await interaction.response.send_message(text, ephemeral=True)
+            return
+        if user is None:
+            await self._refuse(interaction, f"/budget {action} needs a user")
+            return
+        uid = str(user.id)
+        if action == "set":
+            ledger.set_balance(uid, usd_to_micros(amount), actor)
+        elif action == "grant":
+            ledger.grant(uid, usd_to_micros(amount), actor)
+        elif action == "reset":
+            ledger.reset(uid, actor)
+        b = ledger.balance(uid)
+        spent = ledger.spent_since(uid, period_start(period))
+        await interaction.response.send_message(
+            f"{user.mention}: balance ${micros_to_usd(b.balance_micros):.4f}, available "
+            f"${micros_to_usd(b.available_micros):.4f}, spent this {period} ${micros_to_usd(spent):.4f}",
+            ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
+
+    def _report(self, interaction: discord.Interaction, period: str) -> str:
+        since = period_start(period)
+        guild = str(interaction.guild_id) if interaction.guild_id else None
+        ledger = self.app.ledger
+        lines = [f"**Spend this {period}**"]
+        top = ledger.top_spenders(since, guild_id=guild)
+        lines += [f"{i}. <@{u}> ${micros_to_usd(m):.4f}" for i, (u, m) in enumerate(top, 1)] or ["nobody has spent anything"]
+        by_provider = ledger.spend_by_provider(since, guild_id=guild)
+        if by_provider:
+            lines.append("**By provider** " + ", ".join(f"{p}: ${micros_to_usd(m):.4f}" for p, m in sorted(by_provider.items())))
+        cap = self.app.pipeline.preferences.guild(guild).spend_cap_micros if guild else None
+        if cap:
+            lines.append(f"**Server cap** ${micros_to_usd(cap):.2f} per {self.app.pipeline.budget_period}")
+        return "\n".join(lines)
