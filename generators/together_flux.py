@@ -1,0 +1,174 @@
+"""Flux schnell on Together AI, through the `openai` SDK pointed at Together's OpenAI-compatible API.
+
+The `together` SDK's dependency pins clash with ours, and Together's `POST /v1/images/generations`
+speaks OpenAI's wire format; its own fields (width, height, steps, seed) travel in `extra_body`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+from typing import TYPE_CHECKING
+
+from generators.base import (
+    GeneratedImage,
+    GenerationRequest,
+    ModelSpec,
+    ProgressCallback,
+    UnsupportedRequest,
+)
+from generators.download import FetchedImage, InvalidProviderImage, fetch_image, image_from_b64
+from generators.openai_images import translate_openai_error
+from generators.pricing import find_model, merge_prices, select_models
+
+if TYPE_CHECKING:
+    import aiohttp
+    from openai import AsyncOpenAI
+
+PROVIDER = "together"
+DEFAULT_BASE_URL = "https://api.together.xyz/v1"
+BASE_URL_ENV = "TOGETHER_BASE_URL"  # as the `together` SDK reads it
+MISSING_EXTRA = "the openai package (used for Together) is not installed: pip install 'easel[cloud]'"
+
+MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="together/flux-schnell",
+        provider=PROVIDER,
+        kinds=frozenset({"imagine"}),
+        negative_prompt=False,
+        min_side=256,
+        max_side=1440,
+        size_step=16,
+        default_size=(1024, 1024),
+        description="Flux schnell on Together AI: fast and cheap; any size, multiples of 16",
+    ),
+)
+MODEL_IDS = {"together/flux-schnell": "black-forest-labs/FLUX.1-schnell"}
+STEP_RANGE = (1, 4)
+DEFAULT_STEPS = 4  # sent explicitly: Together's per-megapixel price is for its default step count
+
+# USD per megapixel, a megapixel counted as 1,000,000 pixels (which errs high for 1024x1024).
+DEFAULT_PRICES: dict[str, float] = {"together/flux-schnell/megapixel": 0.0027}
+
+
+class TogetherFlux:
+    """Generator for Flux schnell on Together AI."""
+
+    provider = PROVIDER
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        base_url: str | None = None,
+        timeout_s: float = 60.0,
+        prices: dict[str, float] | None = None,
+        enabled_models: list[str] | None = None,
+        download_timeout_s: float = 30.0,
+    ):
+        self._api_key = api_key
+        self._base_url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
+        self._timeout_s = timeout_s
+        self._download_timeout_s = download_timeout_s
+        self._prices = merge_prices(PROVIDER, DEFAULT_PRICES, prices)
+        self._models = select_models(PROVIDER, MODELS, enabled_models)
+        self._client: AsyncOpenAI | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def models(self) -> list[ModelSpec]:
+        return list(self._models)
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("openai") is None:
+            return MISSING_EXTRA
+        if not self._api_key:
+            return "no Together API key is configured"
+        return None
+
+    def _cost(self, spec: ModelSpec, width: int, height: int) -> float:
+        return self._prices[f"{spec.name}/megapixel"] * width * height / 1e6
+
+    def estimate_cost(self, request: GenerationRequest) -> float:
+        spec = find_model(self._models, request.model)
+        spec.check(request)
+        return self._cost(spec, request.width, request.height)
+
+    def _sdk(self) -> AsyncOpenAI:
+        if self._client is None:
+            from openai import AsyncOpenAI
+
+            self._client = AsyncOpenAI(
+                api_key=self._api_key, base_url=self._base_url, timeout=self._timeout_s, max_retries=0
+            )
+        return self._client
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> GeneratedImage:
+        spec = find_model(self._models, request.model)
+        spec.check(request)
+        steps = request.steps if request.steps is not None else DEFAULT_STEPS
+        if not STEP_RANGE[0] <= steps <= STEP_RANGE[1]:
+            raise UnsupportedRequest(f"{spec.name} takes steps {STEP_RANGE[0]}-{STEP_RANGE[1]}, not {steps}")
+        if request.guidance is not None or request.options:
+            raise UnsupportedRequest(f"{spec.name} takes no guidance and no options")
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        client = self._sdk()
+        from openai import OpenAIError
+
+        try:
+            response = await client.images.generate(
+                model=MODEL_IDS[spec.name],
+                prompt=request.prompt,
+                n=1,
+                response_format="b64_json",
+                extra_body={
+                    "width": request.width,
+                    "height": request.height,
+                    "steps": steps,
+                    "seed": seed,
+                    "output_format": "png",
+                },
+            )
+        except OpenAIError as exc:
+            raise translate_openai_error(
+                exc, service="Together", api_key=self._api_key, timeout_s=self._timeout_s
+            ) from None
+
+        if not response.data:
+            raise InvalidProviderImage("Together answered without an image")
+        item = response.data[0]
+        expected = (request.width, request.height)
+        image: FetchedImage
+        if item.b64_json:
+            image = await image_from_b64(item.b64_json, expected_size=expected)
+        elif item.url:
+            image = await fetch_image(
+                item.url, session=self._http(), timeout_s=self._download_timeout_s, expected_size=expected
+            )
+        else:
+            raise InvalidProviderImage("Together answered with neither image data nor an image URL")
+        return GeneratedImage(
+            data=image.png,
+            width=image.width,
+            height=image.height,
+            model=spec.name,
+            provider=PROVIDER,
+            seed=seed,
+            cost_usd=self._cost(spec, image.width, image.height),
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
