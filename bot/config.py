@@ -14,7 +14,7 @@ import os
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +303,7 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
-def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
+def _convert(tp: Any, value: Any, key: str, where: str, default: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -311,7 +311,7 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     if is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' must be a table")
-        return _build(tp, value, key + ".", where)
+        return _build(tp, value, key + ".", where, base=default if is_dataclass(default) else None)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -329,7 +329,13 @@ def _convert(tp: Any, value: Any, key: str, where: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+def _default(f) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, where: str, base: Any = None) -> Any:
+    """`cls` from `data`; keys the table leaves out keep their defaults (those of `base`, the
+    field's own default, where there is one: [generators.openai] keeps OPENAI_API_KEY)."""
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
@@ -338,8 +344,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _convert(hints[key], value, prefix + key, where)
-    obj = cls(**kwargs)
+        kwargs[key] = _convert(hints[key], value, prefix + key, where, _default(known[key]))
+    obj = replace(base, **kwargs) if base is not None else cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:

@@ -73,3 +73,11 @@ def test_file_lookup_order_and_relative_paths(tmp_path, monkeypatch):
     (tmp_path / "bad.toml").write_text("[storage\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(str(tmp_path / "bad.toml"))
+
+
+def test_a_partial_table_keeps_the_other_defaults(monkeypatch):
+    s = settings_from_dict({"generators": {"openai": {"timeout_s": 5}, "replicate": {"enabled": False}}})
+    assert s.generators.openai.api_key_env == "OPENAI_API_KEY" and s.generators.openai.timeout_s == 5
+    assert s.generators.replicate.api_key_env == "REPLICATE_API_TOKEN"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    assert s.generators.openai.api_key() == "sk-from-env"
