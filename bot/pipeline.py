@@ -210,8 +210,9 @@ class Pipeline:
             return JobOutcome(status="refused", error=str(exc), error_code=exc.code)
         timings["prepare"] = _ms(t0)
         spec = route.spec
-        job = self.jobs.create(
-            kind=gen_request.kind, status="queued", user_id=request.user_id,
+        # Database work runs in a thread too: a burst of requests must not stall the loop.
+        job = await asyncio.to_thread(
+            self.jobs.create, kind=gen_request.kind, status="queued", user_id=request.user_id,
             guild_id=request.guild_id, channel_id=request.channel_id,
             nsfw_channel=request.nsfw_channel, prompt=gen_request.prompt,
             negative_prompt=gen_request.negative_prompt, seed=gen_request.seed, model=spec.name,
@@ -418,66 +419,83 @@ class Pipeline:
         )
         timings["screen_prompt"] = _ms(t)
         if not verdict.allowed:
-            return self._finish(job, "blocked", BLOCKED, verdict.reason, timings)
+            return await self._finish(job, "blocked", BLOCKED, verdict.reason, timings)
         if gen.kind in ("edit", "variation") and request.image is not None:
             img = await asyncio.to_thread(decode_image, gen.source_image)
             verdict = await asyncio.to_thread(
                 self.image_screen.screen_image, img.image, nsfw_channel=request.nsfw_channel
             )
             if not verdict.allowed:
-                return self._finish(job, "blocked", BLOCKED, f"the uploaded image: {verdict.reason}", timings)
+                return await self._finish(job, "blocked", BLOCKED, f"the uploaded image: {verdict.reason}", timings)
         kept = await self._keep_uploads(request, gen)  # only screened uploads are kept
         if kept:
-            self.jobs.update(job.id, **kept)
+            await asyncio.to_thread(self.jobs.update, job.id, **kept)
 
         if self._in_flight.get(user, 0) >= self.max_jobs_per_user:
-            return self._finish(
+            return await self._finish(
                 job, "refused", BUSY, f"you already have {self._in_flight[user]} jobs in flight "
                 f"(the limit is {self.max_jobs_per_user}); wait for one to finish", timings,
             )
+        self._in_flight[user] = self._in_flight.get(user, 0) + 1
+        try:
+            return await self._reserve_and_run(job, route, gen, request, timings, on_event)
+        finally:
+            self._in_flight[user] -= 1
+            if not self._in_flight[user]:
+                del self._in_flight[user]
+
+    async def _reserve_and_run(self, job: JobRecord, route: Route, gen: GenerationRequest,
+                               request: JobRequest, timings: dict[str, float],
+                               on_event: EventSink | None) -> JobOutcome:
+        user = request.user_id
         t = time.perf_counter()
         # Enough for whichever model ends up serving: the route or one of its fallbacks.
         estimate = max(usd_to_micros(r.generator.estimate_cost(g))
                        for r, g in self.router.candidates(route, gen))
         guild_cap = self.preferences.guild(request.guild_id).spend_cap_micros if request.guild_id else None
-        try:
-            self.ledger.reserve(
-                user, job.id, estimate, provider=route.spec.provider,
-                paid=route.spec.provider not in UNPAID_PROVIDERS,
-                daily_cap_micros=self.daily_cap_micros, day_start=period_start("day"),
-                guild_id=request.guild_id, guild_cap_micros=guild_cap,
-                period_start=period_start(self.budget_period),
-            )
-        except InsufficientFunds as exc:
-            return self._finish(job, "refused", OVER_BUDGET, str(exc), timings)
-        except (SpendCapReached, GuildCapReached) as exc:
-            return self._finish(job, "refused", SPEND_CAP, str(exc), timings)
-        self.jobs.update(job.id, estimate_micros=estimate)
-        timings["reserve"] = _ms(t)
 
-        self._in_flight[user] = self._in_flight.get(user, 0) + 1
-        queue = self._queue_for(route)
+        def reserve() -> None:
+            with self.db.transaction():
+                self.ledger.reserve(
+                    user, job.id, estimate, provider=route.spec.provider,
+                    paid=route.spec.provider not in UNPAID_PROVIDERS,
+                    daily_cap_micros=self.daily_cap_micros, day_start=period_start("day"),
+                    guild_id=request.guild_id, guild_cap_micros=guild_cap,
+                    period_start=period_start(self.budget_period),
+                )
+                self.jobs.update(job.id, estimate_micros=estimate)
+
         try:
+            reserving = asyncio.ensure_future(asyncio.to_thread(reserve))
+            try:
+                await asyncio.shield(reserving)
+            except asyncio.CancelledError:
+                # Let the reservation land before refunding it below, or the refund could miss it.
+                await asyncio.gather(reserving, return_exceptions=True)
+                raise
+            timings["reserve"] = _ms(t)
+            queue = self._queue_for(route)
             t = time.perf_counter()
             await self._wait_turn(queue, job, user, on_event)
             timings["queue"] = _ms(t)
-            try:
-                return await self._generate_and_store(job, route, gen, request, timings, on_event)
+            try:  # the slot limits calls to the generator, not the work on its result
+                result = await self._generate(job, route, gen, timings, on_event)
             finally:
                 queue.release()
                 self._announce_positions(queue)
+            return await self._check_and_store(job, gen, request, result, timings)
+        except InsufficientFunds as exc:
+            return await self._finish(job, "refused", OVER_BUDGET, str(exc), timings)
+        except (SpendCapReached, GuildCapReached) as exc:
+            return await self._finish(job, "refused", SPEND_CAP, str(exc), timings)
         except asyncio.CancelledError:
-            self._finish(job, "cancelled", CANCELLED, "cancelled", timings)
+            await asyncio.shield(self._finish(job, "cancelled", CANCELLED, "cancelled", timings))
             raise
         except _Refusal as exc:
-            return self._finish(job, exc.status, exc.code, str(exc), timings)
+            return await self._finish(job, exc.status, exc.code, str(exc), timings)
         except Exception as exc:  # a bug must refund too, and leave a trace
             log.exception("job %s failed unexpectedly", job.id)
-            return self._finish(job, "failed", FAILED, f"internal error ({exc.__class__.__name__})", timings)
-        finally:
-            self._in_flight[user] -= 1
-            if not self._in_flight[user]:
-                del self._in_flight[user]
+            return await self._finish(job, "failed", FAILED, f"internal error ({exc.__class__.__name__})", timings)
 
     def _queue_for(self, route: Route) -> FairQueue:
         provider = route.spec.provider
@@ -506,10 +524,9 @@ class Pipeline:
             if sink is not None:
                 sink[1](JobEvent(job_id, "queued", position=position))
 
-    async def _generate_and_store(self, job, route: Route, gen: GenerationRequest, request,
-                                  timings, on_event) -> JobOutcome:
+    async def _generate(self, job, route: Route, gen: GenerationRequest, timings, on_event) -> GeneratedImage:
         loop = asyncio.get_running_loop()
-        self.jobs.update(job.id, status="running", started_at=time.time())
+        await asyncio.to_thread(self.jobs.update, job.id, status="running", started_at=time.time())
         if on_event is not None:
             on_event(JobEvent(job.id, "running"))
 
@@ -530,7 +547,10 @@ class Pipeline:
         except GeneratorError as exc:
             raise _Refusal(FAILED, f"{route.spec.name} failed: {exc}", "failed")
         timings["generate"] = _ms(t)
+        return result
 
+    async def _check_and_store(self, job, gen: GenerationRequest, request: JobRequest,
+                               result: GeneratedImage, timings) -> JobOutcome:
         t = time.perf_counter()
         try:
             checked = await asyncio.to_thread(self._validate_output, result, gen)
@@ -545,14 +565,14 @@ class Pipeline:
         timings["screen_image"] = _ms(t)
         if not verdict.allowed:
             # The image is not kept: a blocked output is never stored or shown.
-            return self._finish(job, "blocked", BLOCKED, f"the result was blocked: {verdict.reason}",
+            return await self._finish(job, "blocked", BLOCKED, f"the result was blocked: {verdict.reason}",
                                 timings, charge=self.blocked_outputs_are_paid, result=result)
 
         t = time.perf_counter()
         data = result.data if result.format == "png" else await asyncio.to_thread(encode_png, checked.image)
         stored = await asyncio.to_thread(self.blobs.put, data)
         timings["store"] = _ms(t)
-        return self._finish(job, "done", None, None, timings, charge=True, result=result, stored=stored)
+        return await self._finish(job, "done", None, None, timings, charge=True, result=result, stored=stored)
 
     @staticmethod
     def _validate_output(result: GeneratedImage, gen: GenerationRequest):
@@ -566,9 +586,13 @@ class Pipeline:
             raise ImageRejected(f"it is {checked.width}x{checked.height}, not {gen.width}x{gen.height}")
         return checked
 
-    def _finish(self, job: JobRecord, status: str, code: str | None, error: str | None,
-                timings: dict[str, float], *, charge: bool = False,
-                result: GeneratedImage | None = None, stored=None) -> JobOutcome:
+    async def _finish(self, job: JobRecord, status: str, code: str | None, error: str | None,
+                      timings: dict[str, float], **kwargs) -> JobOutcome:
+        return await asyncio.to_thread(self._finish_now, job, status, code, error, timings, **kwargs)
+
+    def _finish_now(self, job: JobRecord, status: str, code: str | None, error: str | None,
+                    timings: dict[str, float], *, charge: bool = False,
+                    result: GeneratedImage | None = None, stored=None) -> JobOutcome:
         """Record the end of a job and settle (`charge`) or release its money, in one transaction.
 
         The charge is what the generator says it will be billed, else the estimate; never more

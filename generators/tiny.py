@@ -62,51 +62,54 @@ def build_tiny_pipeline(path: Path) -> None:
         tokenizer = CLIPTokenizer.from_pretrained(
             work / "tokenizer-source", model_max_length=CLIP_MAX_TOKENS
         )
-        torch.manual_seed(TINY_SEED)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=CLIP_MAX_TOKENS,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+        # A private RNG stream: the weights are the same every time, and the caller's global
+        # torch RNG is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer),
+                    hidden_size=32,
+                    intermediate_size=37,
+                    num_attention_heads=4,
+                    num_hidden_layers=2,
+                    max_position_embeddings=CLIP_MAX_TOKENS,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             )
-        )
-        unet = UNet2DConditionModel(
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-        )
-        # Four blocks give the usual 8x latent downscale; with two, a 512x512 image means a
-        # 256x256 latent and a UNet pass ~80x slower.
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16, 32, 32),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=512,
-        )
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            timestep_spacing="trailing",
-            steps_offset=1,
-        )
+            unet = UNet2DConditionModel(
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                sample_size=64,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=32,
+                attention_head_dim=8,
+            )
+            # Four blocks give the usual 8x latent downscale; with two, a 512x512 image means a
+            # 256x256 latent and a UNet pass ~80x slower.
+            vae = AutoencoderKL(
+                block_out_channels=(8, 16, 32, 32),
+                in_channels=3,
+                out_channels=3,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=4,
+                norm_num_groups=8,
+                sample_size=512,
+            )
+            scheduler = EulerDiscreteScheduler(
+                beta_start=0.00085,
+                beta_end=0.012,
+                beta_schedule="scaled_linear",
+                num_train_timesteps=1000,
+                timestep_spacing="trailing",
+                steps_offset=1,
+            )
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -117,7 +120,6 @@ def build_tiny_pipeline(path: Path) -> None:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        shutil.rmtree(work / "tokenizer-source")
         model_dir = work / "model"
         pipe.save_pretrained(model_dir)
         if path.exists():

@@ -176,6 +176,7 @@ class FakeServer:
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.base_url = ""  # http://127.0.0.1:PORT, once started
+        self.latency_s = 0.0  # how long every API call takes (hosted files answer at once)
 
     # -- scripting and inspection --
 
@@ -253,6 +254,8 @@ class FakeServer:
             presented = request.headers.get("Authorization", "")
             if presented != f"Bearer {self.api_key}":
                 return self.unauthorized(presented.removeprefix("Bearer "))
+            if self.latency_s:
+                await self._pause(self.latency_s)
         return await handler(request)
 
     async def scripted(self, route: str) -> web.Response | None:
