@@ -115,8 +115,8 @@ def build_tree(client: "EaselClient") -> app_commands.CommandTree:
 
 
 class EaselClient(discord.Client):
-    def __init__(self, app: App, settings: DiscordSettings):
-        super().__init__(intents=intents())
+    def __init__(self, app: App, settings: DiscordSettings, *, guild_ready_timeout: float = 2.0):
+        super().__init__(intents=intents(), guild_ready_timeout=guild_ready_timeout)
         self.app = app
         self.discord_settings = settings
         self.frontend = Frontend(self, app, settings)
