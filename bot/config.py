@@ -10,6 +10,7 @@ Secrets are never in the file: it names the environment variable that holds each
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 import types
@@ -295,7 +296,8 @@ def _type_name(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+        item = typing.get_args(tp)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, "values")
     if origin is dict:
         return "a table"
     if is_dataclass(tp):
@@ -322,7 +324,9 @@ def _convert(tp: Any, value: Any, key: str, where: str, default: Any = None) -> 
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: '{key}' must be a table")
         return {k: _convert(item, v, f"{key}.{k}", where) for k, v in value.items()}
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: '{key}' must be a finite number, not {value!r}")
         return float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, not {value!r}")

@@ -108,7 +108,7 @@ class GenerationRequest:
     steps: int | None = None
     guidance: float | None = None
     source_image: bytes | None = None
-    mask_image: bytes | None = None
+    mask_image: bytes | None = None  # same size as source_image; white is repainted, black kept
     strength: float | None = None
     upscale_factor: int = 2
     options: dict[str, str] = field(default_factory=dict)  # provider-specific: quality, style, ...

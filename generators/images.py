@@ -62,7 +62,12 @@ def decode_image(
             img.load()
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL's own guard fires at open() for the very largest declared sizes.
+        raise ImageRejected(
+            f"the image declares more pixels than the limit of {max_pixels} (a decompression bomb?)"
+        ) from None
+    except UnidentifiedImageError:
         raise ImageRejected(f"the data is {_describe(data)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         # PIL reports truncated or corrupt streams as OSError / SyntaxError.
