@@ -1,6 +1,8 @@
 """The HTTP server that gives every stored image a stable public URL."""
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from .blobs import CONTENT_TYPES, LocalBlobStore, is_key
@@ -23,7 +25,9 @@ def make_image_app(store: LocalBlobStore) -> web.Application:
         }
         if request.headers.get("If-None-Match") == etag:
             return web.Response(status=304, headers=headers)
-        return web.FileResponse(path, headers=headers)
+        # Not FileResponse: it would replace the content-key ETag with one made from file stats.
+        body = await asyncio.to_thread(path.read_bytes)
+        return web.Response(body=body, headers=headers)
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
