@@ -484,6 +484,7 @@ class DiffusersGenerator:
         return pipe
 
     def _load(self, name: str, source: str, *, upscaler: bool) -> Any:
+        _quiet_libraries()
         from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
         device, dtype = self._resolve_device()
@@ -576,6 +577,24 @@ class DiffusersGenerator:
 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def _quiet_libraries() -> None:
+    """diffusers and transformers print progress bars and advice meant for notebooks; easel
+    reports its own progress, and their warnings go to the log at error level only."""
+    import os
+    import warnings
+
+    # Read by transformers when it is first imported (its import-time advice goes to stderr).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    # `torch_dtype` works on every diffusers this project allows; `dtype` only on the newest.
+    warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated", category=FutureWarning)
 
 
 def _step_callback(progress: ProgressCallback | None, cancel: threading.Event, steps: int):
