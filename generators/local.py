@@ -330,7 +330,8 @@ class DiffusersGenerator:
             height=image.height,
             model=request.model,
             provider=PROVIDER,
-            seed=request.seed,
+            # A resample uses no seed: recording one would suggest it mattered.
+            seed=None if note == LANCZOS_NOTE else request.seed,
             cost_usd=min(seconds * self._price, estimate),
             note=note,
         )
@@ -412,7 +413,6 @@ class DiffusersGenerator:
         size = (source.width * factor, source.height * factor)
         text = {
             "prompt": request.prompt,
-            "seed": str(request.seed),
             "model": request.model,
             "kind": "upscale",
             "size": f"{size[0]}x{size[1]}",
@@ -428,6 +428,7 @@ class DiffusersGenerator:
 
         import torch
 
+        text["seed"] = str(request.seed)
         key = _upscaler_key(self._upscaler)
         pipe = self._pipeline(key, "upscale")
         steps = request.steps or UPSCALER_STEPS

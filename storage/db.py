@@ -132,7 +132,11 @@ class Database:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         self._depth = 0
-        self.migrate()
+        try:
+            self.migrate()
+        except BaseException:
+            conn.close()
+            raise
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

@@ -23,7 +23,7 @@ def make_image_app(store: LocalBlobStore) -> web.Application:
             "Cache-Control": "public, max-age=31536000, immutable",
             "ETag": etag,
         }
-        if request.headers.get("If-None-Match") == etag:
+        if any(tag.value in (key, "*") for tag in request.if_none_match or ()):
             return web.Response(status=304, headers=headers)
         # Not FileResponse: it would replace the content-key ETag with one made from file stats.
         body = await asyncio.to_thread(path.read_bytes)

@@ -231,6 +231,7 @@ async def test_upscale_without_an_upscaler_resamples_and_says_so(generator):
     assert (result.width, result.height) == (128, 96)
     assert Image.open(io.BytesIO(result.data)).size == (128, 96)
     assert result.note == LANCZOS_NOTE
+    assert result.seed is None  # a resample uses no seed, so none is recorded
     assert fractions == [1.0]
     tripled = await generator.generate(request("upscale", source_image=source, upscale_factor=3))
     assert (tripled.width, tripled.height) == (192, 144)

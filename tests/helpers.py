@@ -1,0 +1,67 @@
+"""Small helpers shared by the tests: settings files, free ports, PNG bytes, a ledger worker."""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write an easel TOML file; `sections` maps a table name ("generators.local") to its keys."""
+    lines = []
+    for table, values in sections.items():
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png_declaring(width: int, height: int, rows: int = 1) -> bytes:
+    """A 1-bit greyscale PNG whose header declares `width`x`height` but whose data holds only
+    `rows` rows: a decompression bomb in miniature (a decoder that trusts the header allocates
+    width*height pixels before noticing)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(row * rows, 9)) + chunk(b"IEND", b""))
+
+
+def reserve_in_own_connection(db_path: str, user_id: str, job_id: int, amount_micros: int,
+                              allowance_micros: int, start, results) -> None:
+    """Run in a separate process: open the database afresh, wait for `start`, try to reserve,
+    and put (job_id, succeeded) on `results`."""
+    from storage.db import Database
+    from storage.ledger import InsufficientFunds, Ledger
+
+    db = Database(db_path)
+    ledger = Ledger(db, allowance_micros)
+    start.wait()
+    try:
+        ledger.reserve(user_id, job_id, amount_micros)
+        results.put((job_id, True))
+    except InsufficientFunds:
+        results.put((job_id, False))
+    finally:
+        db.close()
