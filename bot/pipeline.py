@@ -13,7 +13,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from generators.base import (
@@ -302,38 +302,6 @@ class Pipeline:
         if request.kind in ("imagine", "edit") and not prompt:
             raise _Refusal(USAGE, "the prompt is empty")
 
-        if model_name is None:
-            guild_default = self.preferences.guild(request.guild_id).default_model if request.guild_id else None
-            if source is not None and self._can(source.model, request.kind):
-                model_name = source.model
-            elif guild_default and self._can(guild_default, request.kind):
-                model_name = guild_default
-            else:
-                model_name = self.default_model
-        try:
-            route = self.router.resolve(model_name)
-        except UnknownModel as exc:
-            raise _Refusal(USAGE, str(exc)) from None
-        spec = route.spec
-
-        width, height = await self._size(request, spec, aspect, source_image, source)
-        if spec.honours_seed and seed is None:
-            seed = random.randint(0, MAX_SEED)  # chosen and recorded, so the image can be remade
-        strength = request.strength
-        if request.kind == "variation" and strength is None:
-            strength = self.default_strength
-        if strength is not None and not 0.0 < strength <= 1.0:
-            raise _Refusal(USAGE, "strength must be greater than 0 and at most 1")
-        gen_request = GenerationRequest(
-            kind=request.kind, model=spec.name, prompt=prompt, width=width, height=height,
-            negative_prompt=negative or None, seed=seed, steps=steps, guidance=guidance,
-            source_image=source_image, mask_image=mask_image, strength=strength,
-            upscale_factor=self.upscale_factor, options=dict(request.options),
-        )
-        try:
-            spec.check(gen_request)
-        except UnsupportedRequest as exc:
-            raise _Refusal(USAGE, str(exc)) from None
         if mask_image is not None:
             mask = await asyncio.to_thread(decode_image, mask_image)
             image = await asyncio.to_thread(decode_image, source_image)
@@ -342,7 +310,59 @@ class Pipeline:
                     USAGE, f"the mask is {mask.width}x{mask.height} but the image is "
                     f"{image.width}x{image.height}; they must match"
                 )
-        return route, gen_request
+        strength = request.strength
+        if request.kind == "variation" and strength is None:
+            strength = self.default_strength
+        if strength is not None and not 0.0 < strength <= 1.0:
+            raise _Refusal(USAGE, "strength must be greater than 0 and at most 1")
+        # Chosen once and recorded, so the image can be remade; models that cannot honour a
+        # seed get none (and refuse one that was asked for).
+        chosen_seed = seed if seed is not None else random.randint(0, MAX_SEED)
+
+        options: list[tuple[Route, GenerationRequest]] = []
+        refusal: _Refusal | None = None
+        for route in self._candidate_routes(model_name, request, source):
+            spec = route.spec
+            try:
+                width, height = await self._size(request, spec, aspect, source_image, source)
+                gen_request = GenerationRequest(
+                    kind=request.kind, model=spec.name, prompt=prompt, width=width, height=height,
+                    negative_prompt=negative or None,
+                    seed=chosen_seed if (seed is not None or spec.honours_seed) else None,
+                    steps=steps, guidance=guidance, source_image=source_image,
+                    mask_image=mask_image, strength=strength,
+                    upscale_factor=self.upscale_factor, options=dict(request.options),
+                )
+                spec.check(gen_request)
+                options.append((route, gen_request))
+            except UnsupportedRequest as exc:
+                refusal = refusal or _Refusal(USAGE, str(exc))
+            except _Refusal as exc:
+                refusal = refusal or exc
+        if not options:
+            raise refusal
+        return self.router.cheapest(options)
+
+    def _candidate_routes(self, model_name: str | None, request: JobRequest,
+                          source: JobRecord | None) -> list[Route]:
+        """The models that may serve: those the name leads to; without a name, the first of the
+        source's model, the guild's default and the server's default that can do the request,
+        else any model that can."""
+        if model_name is None:
+            guild_default = self.preferences.guild(request.guild_id).default_model if request.guild_id else None
+            preferred = [source.model if source else None, guild_default, self.default_model]
+            capable = [n for n in preferred if self._can(n, request.kind)]
+            if capable:
+                model_name = capable[0]
+            else:
+                routes = [self.router.resolve(s.name) for s in self.router.models() if request.kind in s.kinds]
+                model_name = self.default_model
+                if routes:
+                    return routes
+        try:
+            return self.router.routes_for(model_name)
+        except UnknownModel as exc:
+            raise _Refusal(USAGE, str(exc)) from None
 
     def _can(self, model: str | None, kind: str) -> bool:
         if not model:

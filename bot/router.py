@@ -95,16 +95,26 @@ class Router:
         self.generators = generators
         self.retry = retry
         self._sleep = sleep
-        self._routes: dict[str, Route] = {}
+        # A model's name leads to that model; an alias ("flux") may lead to several models of
+        # different providers, and the job goes to the cheapest healthy one.
+        self._routes: dict[str, list[Route]] = {}
         self._unavailable: dict[str, str] = {}  # provider -> why
         for gen in generators:
             reason = gen.unavailable_reason()
             if reason:
                 self._unavailable[gen.provider] = reason
                 continue
+            for spec in gen.models():  # the first generator to offer a name keeps it
+                self._routes.setdefault(spec.name.lower(), [Route(gen, spec)])
+        for gen in generators:
+            if gen.provider in self._unavailable:
+                continue
             for spec in gen.models():
-                for name in (spec.name, *spec.aliases):
-                    self._routes.setdefault(name.lower(), Route(gen, spec))
+                for alias in spec.aliases:
+                    routes = self._routes.setdefault(alias.lower(), [])
+                    if routes and routes[0].spec.name.lower() == alias.lower():
+                        continue  # a model's own name wins over another's alias
+                    routes.append(Route(gen, spec))
         self.breakers = {g.provider: CircuitBreaker(breaker_failures, breaker_cooldown_s, clock)
                          for g in generators}
         self.fallbacks: dict[str, str] = {}
@@ -117,20 +127,36 @@ class Router:
 
     def models(self) -> list[ModelSpec]:
         seen: dict[str, ModelSpec] = {}
-        for route in self._routes.values():
-            seen.setdefault(route.spec.name, route.spec)
+        for routes in self._routes.values():
+            for route in routes:
+                seen.setdefault(route.spec.name, route.spec)
         return list(seen.values())
 
-    def healthy_models(self) -> list[ModelSpec]:
-        return [s for s in self.models() if self.breakers[self.resolve(s.name).generator.provider].state != "open"]
+    def healthy(self, route: Route) -> bool:
+        return self.breakers[route.generator.provider].state != "open"
 
-    def resolve(self, name: str) -> Route:
-        route = self._routes.get(name.lower())
-        if route is None:
+    def healthy_models(self) -> list[ModelSpec]:
+        return [s for s in self.models() if self.healthy(self.resolve(s.name))]
+
+    def routes_for(self, name: str) -> list[Route]:
+        """Every model a name or alias leads to."""
+        routes = self._routes.get(name.lower())
+        if not routes:
             known = ", ".join(sorted(s.name for s in self.models())) or "none"
             why = "".join(f"; {p} is unavailable: {r}" for p, r in self._unavailable.items())
             raise UnknownModel(f"unknown model {name!r}; available: {known}{why}")
-        return route
+        return list(routes)
+
+    def resolve(self, name: str) -> Route:
+        return self.routes_for(name)[0]
+
+    def cheapest(self, options: list[tuple[Route, GenerationRequest]]) -> tuple[Route, GenerationRequest]:
+        """Of the models that could serve a request, a healthy one with the lowest estimate."""
+        def key(option):
+            route, request = option
+            return (not self.healthy(route), route.generator.estimate_cost(request))
+
+        return min(options, key=key)
 
     def candidates(self, route: Route, request: GenerationRequest) -> list[tuple[Route, GenerationRequest]]:
         """The route, then its fallback chain, each with the request as that model takes it.

@@ -6,7 +6,7 @@ request it cannot serve is refused before any money is reserved.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol, runtime_checkable
+from typing import Callable, Literal, Mapping, Protocol, runtime_checkable
 
 Kind = Literal["imagine", "variation", "edit", "upscale"]
 KINDS: tuple[Kind, ...] = ("imagine", "variation", "edit", "upscale")
@@ -60,6 +60,12 @@ class ModelSpec:
     default_size: tuple[int, int] = (512, 512)
     aliases: tuple[str, ...] = ()
     description: str = ""
+    # Options a request may set (quality, style, ...) and their allowed values; the first is the
+    # default.
+    options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # The inference steps and guidance scale a request may set; None: the model takes none.
+    steps: tuple[int, int] | None = (1, 200)
+    guidance: tuple[float, float] | None = (0.0, 30.0)
 
     def check(self, request: "GenerationRequest") -> None:
         """Raise UnsupportedRequest, with a message a user can act on, if this model cannot serve it."""
@@ -78,6 +84,26 @@ class ModelSpec:
                 f"the prompt is {len(request.prompt)} characters; {self.name} takes at most "
                 f"{self.max_prompt_chars}"
             )
+        for setting, value, allowed in (("steps", request.steps, self.steps),
+                                        ("guidance", request.guidance, self.guidance)):
+            if value is None:
+                continue
+            if allowed is None:
+                raise UnsupportedRequest(f"{self.name} takes no {setting}")
+            if not allowed[0] <= value <= allowed[1]:
+                raise UnsupportedRequest(
+                    f"{self.name} takes {setting} {allowed[0]:g}-{allowed[1]:g}, not {value:g}"
+                )
+        for key, value in request.options.items():
+            if key not in self.options:
+                known = "; ".join(f"{k}: {'|'.join(v)}" for k, v in self.options.items())
+                raise UnsupportedRequest(
+                    f"{self.name} has no option {key!r}" + (f" (its options: {known})" if known else "")
+                )
+            if value not in self.options[key]:
+                raise UnsupportedRequest(
+                    f"{self.name} {key} must be one of {', '.join(self.options[key])}, not {value!r}"
+                )
         if request.kind == "upscale":
             return  # the output size follows from the source image
         w, h = request.width, request.height

@@ -15,7 +15,6 @@ from generators.base import (
     GenerationRequest,
     ModelSpec,
     ProgressCallback,
-    UnsupportedRequest,
 )
 from generators.download import FetchedImage, InvalidProviderImage, fetch_image, image_from_b64
 from generators.openai_images import translate_openai_error
@@ -40,11 +39,13 @@ MODELS: tuple[ModelSpec, ...] = (
         max_side=1440,
         size_step=16,
         default_size=(1024, 1024),
+        aliases=("flux",),
+        steps=(1, 4),
+        guidance=None,
         description="Flux schnell on Together AI: fast and cheap; any size, multiples of 16",
     ),
 )
 MODEL_IDS = {"together/flux-schnell": "black-forest-labs/FLUX.1-schnell"}
-STEP_RANGE = (1, 4)
 DEFAULT_STEPS = 4  # sent explicitly: Together's per-megapixel price is for its default step count
 
 # USD per megapixel, a megapixel counted as 1,000,000 pixels (which errs high for 1024x1024).
@@ -115,10 +116,6 @@ class TogetherFlux:
         spec = find_model(self._models, request.model)
         spec.check(request)
         steps = request.steps if request.steps is not None else DEFAULT_STEPS
-        if not STEP_RANGE[0] <= steps <= STEP_RANGE[1]:
-            raise UnsupportedRequest(f"{spec.name} takes steps {STEP_RANGE[0]}-{STEP_RANGE[1]}, not {steps}")
-        if request.guidance is not None or request.options:
-            raise UnsupportedRequest(f"{spec.name} takes no guidance and no options")
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
         client = self._sdk()
         from openai import OpenAIError

@@ -640,7 +640,7 @@ async def test_an_expired_output_url_fails_at_once_without_retrying(replicate_fa
         (request("flux-schnell", 1000, 1000), "flux-schnell cannot make 1000x1000"),
         (request("flux-1.1-pro", 1000, 1024), "each side must be 256-1440 and a multiple of 32"),
         (request("flux-schnell", kind="variation", source_image=b"x"), "flux-schnell cannot do variation"),
-        (request("flux-dev", options={"go_fast": "true"}), "flux-dev takes no options"),
+        (request("flux-dev", options={"go_fast": "true"}), "flux-dev has no option 'go_fast'"),
     ],
 )
 async def test_flux_capabilities_are_checked_before_the_call(replicate_fake, replicate_gen, req, message):

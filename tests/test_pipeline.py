@@ -339,3 +339,34 @@ async def test_guild_cap_and_guild_default_model(tmp_path):
     assert elsewhere.ok and elsewhere.job.model == "cheap"
     assert app.ledger.top_spenders(0, guild_id="g1") == [("u1", usd_to_micros(0.3))]
     assert app.ledger.spend_by_provider(0) == {"p2": usd_to_micros(0.3), "p1": usd_to_micros(0.01)}
+
+
+async def test_an_alias_goes_to_the_cheapest_healthy_model(tmp_path):
+    dear = PreparedGenerator(provider="p1", model="flux-a", price_usd=0.05)
+    cheap = PreparedGenerator(provider="p2", model="flux-b", price_usd=0.01)
+    for gen in (dear, cheap):
+        gen.aliases = ("flux",)
+    app = make_app(tmp_path, dear, cheap)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --model flux"))
+    assert out.ok and out.job.model == "flux-b"
+    for _ in range(3):  # p2 fails until its breaker opens
+        app.router.breakers["p2"].record_failure()
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --model flux"))
+    assert out.ok and out.job.model == "flux-a"
+
+
+async def test_without_a_model_named_a_capable_one_is_chosen(tmp_path):
+    imagine_only = PreparedGenerator(provider="p1", model="painter", kinds=("imagine",))
+    editor = PreparedGenerator(provider="p2", model="editor", price_usd=0.02)
+    app = make_app(tmp_path, imagine_only, editor, generation={"default_model": "painter"})
+    out = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=png_bytes(64, 64)))
+    assert out.ok and out.job.model == "editor"
+    refused = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", model="painter",
+                                                   image=png_bytes(64, 64)))
+    assert refused.error_code == "usage" and "painter cannot do edit" in refused.error
+
+
+async def test_options_a_model_does_not_have_are_refused(tmp_path):
+    app = make_app(tmp_path)
+    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", options={"quality": "hd"}))
+    assert out.error_code == "usage" and "fake-model has no option 'quality'" in out.error

@@ -38,14 +38,16 @@ class PreparedGenerator:
     billed_usd: float | None = None
     delay_s: float = 0.0
     honours_seed: bool = True
+    kinds: tuple[str, ...] = ("imagine", "variation", "edit", "upscale")
+    aliases: tuple[str, ...] | None = None  # default: (model + "-alias",)
     script: list = field(default_factory=list)
     calls: list[GenerationRequest] = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
 
     def models(self) -> list[ModelSpec]:
-        return [ModelSpec(name=self.model, provider=self.provider,
-                          kinds=frozenset({"imagine", "variation", "edit", "upscale"}),
-                          honours_seed=self.honours_seed, aliases=(f"{self.model}-alias",))]
+        aliases = self.aliases if self.aliases is not None else (f"{self.model}-alias",)
+        return [ModelSpec(name=self.model, provider=self.provider, kinds=frozenset(self.kinds),
+                          honours_seed=self.honours_seed, aliases=aliases)]
 
     def unavailable_reason(self) -> str | None:
         return None
