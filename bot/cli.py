@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--negative", help="what to keep out of the image")
     p.add_argument("--size", type=_size, help="WxH, e.g. 512x512")
+    p.add_argument("--quality", help="for models that have it, e.g. dall-e-3: standard|hd")
+    p.add_argument("--style", help="for models that have it, e.g. dall-e-3: vivid|natural")
     job_options(p)
 
     p = sub.add_parser("variation", help="a variation of an earlier job's image")
@@ -161,6 +163,7 @@ def _job_command(settings, args) -> int:
         source_job_id=getattr(args, "job_id", None),
         image=_read_file(getattr(args, "image", None)),
         mask=_read_file(getattr(args, "mask", None)),
+        options={k: v for k in ("quality", "style") if (v := getattr(args, k, None))},
     )
     return asyncio.run(_run_job(settings, request, as_json=args.json))
 
