@@ -205,7 +205,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         try:
-            route, gen_request = await self._prepare(request)
+            route, gen_request, source_job_id = await self._prepare(request)
         except _Refusal as exc:
             return JobOutcome(status="refused", error=str(exc), error_code=exc.code)
         timings["prepare"] = _ms(t0)
@@ -218,7 +218,7 @@ class Pipeline:
             negative_prompt=gen_request.negative_prompt, seed=gen_request.seed, model=spec.name,
             provider=spec.provider, width=gen_request.width, height=gen_request.height,
             steps=gen_request.steps, guidance=gen_request.guidance,
-            strength=gen_request.strength, source_job_id=request.source_job_id,
+            strength=gen_request.strength, source_job_id=source_job_id,
             options=gen_request.options, owner=self.owner,
         )
         task = asyncio.current_task()
@@ -255,8 +255,9 @@ class Pipeline:
 
     # ---- steps ----------------------------------------------------------------------------
 
-    async def _prepare(self, request: JobRequest) -> tuple[Route, GenerationRequest]:
-        """Parse and check everything that can be checked before money is reserved."""
+    async def _prepare(self, request: JobRequest) -> tuple[Route, GenerationRequest, int | None]:
+        """Parse and check everything that can be checked before money is reserved. Returns the
+        model to use, what to ask of it, and the earlier job it starts from (if any)."""
         if request.kind not in ("imagine", "variation", "edit", "upscale"):
             raise _Refusal(USAGE, f"unknown request kind {request.kind!r}")
         if len(request.prompt) > self.max_prompt_chars:
@@ -341,7 +342,8 @@ class Pipeline:
                 refusal = refusal or exc
         if not options:
             raise refusal
-        return self.router.cheapest(options)
+        route, gen_request = self.router.cheapest(options)
+        return route, gen_request, source.id if source is not None else None
 
     def _candidate_routes(self, model_name: str | None, request: JobRequest,
                           source: JobRecord | None) -> list[Route]:

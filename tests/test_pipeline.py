@@ -275,7 +275,7 @@ async def test_variation_and_upscale_of_an_earlier_job(tmp_path):
     assert gen.calls[-1].source_image == open(first.image_path, "rb").read()
     up = await app.pipeline.submit(JobRequest("upscale", "u1"))  # defaults to the user's last image
     assert up.ok and (up.job.width, up.job.height) == (192, 128)
-    assert up.job.source_job_id is None and gen.calls[-1].kind == "upscale"
+    assert up.job.source_job_id == var.job.id and gen.calls[-1].kind == "upscale"
     missing = await app.pipeline.submit(JobRequest("variation", "u1", source_job_id=999))
     assert missing.error_code == "usage" and "no job 999" in missing.error
 

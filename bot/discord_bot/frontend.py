@@ -159,10 +159,20 @@ class Frontend:
                                   *, private: bool, started: float) -> list[JobOutcome]:
         self._track()
         progress = ProgressMessage(interaction.edit_original_response, self.settings.progress_interval_s)
-        outcomes = await asyncio.gather(*[
-            self.app.pipeline.submit(r, on_event=progress.on_event if i == 0 else None)
-            for i, r in enumerate(requests)
-        ])
+        try:
+            outcomes = await asyncio.gather(*[
+                self.app.pipeline.submit(r, on_event=progress.on_event if i == 0 else None)
+                for i, r in enumerate(requests)
+            ])
+        except asyncio.CancelledError:  # shutdown ran out of grace: the pipeline refunded the job
+            await progress.stop()
+            try:
+                await interaction.edit_original_response(
+                    content="\u274c easel is restarting, so this job was cancelled. Nothing was charged.",
+                    attachments=[])
+            except discord.HTTPException:
+                pass
+            raise
         await progress.stop()
         delivered = 0
         for outcome in outcomes:
@@ -293,17 +303,19 @@ class Frontend:
         if action == "delete":
             await self._delete_result(interaction, job)
             return
-        await interaction.response.defer(thinking=True)
+        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))  # the clicker's
+        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
         request = self.action_request(action, job, self._base_request(interaction, interaction.user.id, interaction.channel))
-        await self.run_for_interaction(interaction, [request], private=False, started=started)
+        await self.run_for_interaction(interaction, [request], private=prefs.private, started=started)
 
     async def _delete_result(self, interaction: discord.Interaction, job: JobRecord) -> None:
         if str(interaction.user.id) != job.user_id and not self.is_admin(interaction.user):
             await self._refuse(interaction, "only the person who asked for this image, or an admin, can delete it")
             return
-        await interaction.response.defer(ephemeral=True, thinking=False)
-        if interaction.message is not None:
-            await interaction.message.delete()
+        # For a button, the "original response" is the message the button is on; deleting it
+        # through the interaction's webhook reaches ephemeral results too.
+        await interaction.response.defer()
+        await interaction.delete_original_response()
         self.app.jobs.update(job.id, message_id=None)
 
     async def on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
