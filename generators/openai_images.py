@@ -7,9 +7,8 @@ translated into TransientGeneratorError / ContentPolicyError / GeneratorError he
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, ImageOps
 
@@ -31,14 +30,9 @@ from generators.download import (
     parse_retry_after,
 )
 from generators.images import ImageRejected, decode_image, encode_png
-from generators.pricing import find_model, merge_prices, select_models
-
-if TYPE_CHECKING:
-    import aiohttp
-    from openai import AsyncOpenAI
+from generators.cloud import OpenAICompatible, find_model
 
 PROVIDER = "openai"
-MISSING_EXTRA = "the openai package is not installed: pip install 'easel[cloud]'"
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -159,39 +153,14 @@ def _alpha_mask(source_png: bytes, mask_png: bytes) -> bytes:
     return encode_png(out)
 
 
-class OpenAIImages:
+class OpenAIImages(OpenAICompatible):
     """Generator for OpenAI's image API (`POST /v1/images/generations`, `/v1/images/edits`)."""
 
     provider = PROVIDER
-
-    def __init__(
-        self,
-        api_key: str,
-        *,
-        base_url: str | None = None,
-        timeout_s: float = 180.0,
-        prices: dict[str, float] | None = None,
-        enabled_models: list[str] | None = None,
-        download_timeout_s: float = 30.0,
-    ):
-        self._api_key = api_key
-        self._base_url = base_url  # None: the SDK's default, or OPENAI_BASE_URL when set
-        self._timeout_s = timeout_s
-        self._download_timeout_s = download_timeout_s
-        self._prices = merge_prices(PROVIDER, DEFAULT_PRICES, prices)
-        self._models = select_models(PROVIDER, MODELS, enabled_models)
-        self._client: AsyncOpenAI | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    def models(self) -> list[ModelSpec]:
-        return list(self._models)
-
-    def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec("openai") is None:
-            return MISSING_EXTRA
-        if not self._api_key:
-            return "no OpenAI API key is configured"
-        return None
+    key_name = "OpenAI API key"
+    MODELS = MODELS
+    DEFAULT_PRICES = DEFAULT_PRICES
+    DEFAULT_TIMEOUT_S = 180.0
 
     def _options(self, spec: ModelSpec, request: GenerationRequest) -> dict[str, str]:
         """Every option of the model: the request's (checked by spec.check), else the default."""
@@ -229,22 +198,6 @@ class OpenAIImages:
             + image_in * self._prices["gpt-image-1/image-input-per-1m-tokens"]
             + image_out * self._prices["gpt-image-1/image-output-per-1m-tokens"]
         ) / 1e6
-
-    def _sdk(self) -> AsyncOpenAI:
-        if self._client is None:
-            from openai import AsyncOpenAI
-
-            self._client = AsyncOpenAI(
-                api_key=self._api_key, base_url=self._base_url, timeout=self._timeout_s, max_retries=0
-            )
-        return self._client
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            import aiohttp
-
-            self._session = aiohttp.ClientSession()
-        return self._session
 
     async def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
@@ -323,11 +276,3 @@ class OpenAIImages:
             cost_usd=self._billed_cost(spec, request, options["quality"], response.usage),
             revised_prompt=item.revised_prompt,
         )
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None

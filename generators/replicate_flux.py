@@ -8,7 +8,6 @@ waiting for it. The output URL is fetched as soon as the prediction succeeds (it
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import logging
 import re
@@ -26,10 +25,9 @@ from generators.base import (
     UnsupportedRequest,
 )
 from generators.download import InvalidProviderImage, fetch_image, parse_retry_after
-from generators.pricing import find_model, merge_prices, select_models
+from generators.cloud import CloudGenerator, find_model
 
 if TYPE_CHECKING:
-    import aiohttp
     import httpx
     import replicate
     from replicate.prediction import Prediction
@@ -37,7 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROVIDER = "replicate"
-MISSING_EXTRA = "the replicate package is not installed: pip install 'easel[cloud]'"
 
 # What Flux schnell/dev make at 1 megapixel for each aspect ratio they take (cog-flux's table).
 FLUX_SIZES: dict[str, tuple[int, int]] = {
@@ -150,39 +147,15 @@ async def _raise_on_rate_limit(response: httpx.Response) -> None:
         )
 
 
-class ReplicateFlux:
+class ReplicateFlux(CloudGenerator):
     """Generator for Flux schnell, dev and 1.1 pro on Replicate."""
 
     provider = PROVIDER
-
-    def __init__(
-        self,
-        api_key: str,
-        *,
-        base_url: str | None = None,
-        timeout_s: float = 120.0,
-        prices: dict[str, float] | None = None,
-        enabled_models: list[str] | None = None,
-        download_timeout_s: float = 30.0,
-    ):
-        self._api_key = api_key
-        self._base_url = base_url  # None: the SDK's default, or REPLICATE_BASE_URL when set
-        self._timeout_s = timeout_s
-        self._download_timeout_s = download_timeout_s
-        self._prices = merge_prices(PROVIDER, DEFAULT_PRICES, prices)
-        self._models = select_models(PROVIDER, MODELS, enabled_models)
-        self._client: replicate.Client | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    def models(self) -> list[ModelSpec]:
-        return list(self._models)
-
-    def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec("replicate") is None:
-            return MISSING_EXTRA
-        if not self._api_key:
-            return "no Replicate API token is configured"
-        return None
+    sdk_module = "replicate"
+    key_name = "Replicate API token"
+    MODELS = MODELS
+    DEFAULT_PRICES = DEFAULT_PRICES
+    DEFAULT_TIMEOUT_S = 120.0
 
     def estimate_cost(self, request: GenerationRequest) -> float:
         spec = find_model(self._models, request.model)
@@ -200,13 +173,6 @@ class ReplicateFlux:
                 event_hooks={"response": [_raise_on_rate_limit]},
             )
         return self._client
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            import aiohttp
-
-            self._session = aiohttp.ClientSession()
-        return self._session
 
     async def _cancel(self, client: replicate.Client, prediction_id: str) -> None:
         try:
@@ -310,11 +276,6 @@ class ReplicateFlux:
             cost_usd=self._prices[spec.name],
         )
 
-    async def close(self) -> None:
-        if self._client is not None:
-            # The SDK has no close(); its lazily built httpx client is closed directly.
-            await self._client._async_client.aclose()
-            self._client = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+    async def _close_client(self) -> None:
+        # The SDK has no close(); its lazily built httpx client is closed directly.
+        await self._client._async_client.aclose()

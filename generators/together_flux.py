@@ -5,10 +5,8 @@ speaks OpenAI's wire format; its own fields (width, height, steps, seed) travel 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
-from typing import TYPE_CHECKING
 
 from generators.base import (
     GeneratedImage,
@@ -18,16 +16,11 @@ from generators.base import (
 )
 from generators.download import FetchedImage, InvalidProviderImage, fetch_image, image_from_b64
 from generators.openai_images import translate_openai_error
-from generators.pricing import find_model, merge_prices, select_models
-
-if TYPE_CHECKING:
-    import aiohttp
-    from openai import AsyncOpenAI
+from generators.cloud import OpenAICompatible, find_model
 
 PROVIDER = "together"
 DEFAULT_BASE_URL = "https://api.together.xyz/v1"
 BASE_URL_ENV = "TOGETHER_BASE_URL"  # as the `together` SDK reads it
-MISSING_EXTRA = "the openai package (used for Together) is not installed: pip install 'easel[cloud]'"
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -52,39 +45,19 @@ DEFAULT_STEPS = 4  # sent explicitly: Together's per-megapixel price is for its 
 DEFAULT_PRICES: dict[str, float] = {"together/flux-schnell/megapixel": 0.0027}
 
 
-class TogetherFlux:
+class TogetherFlux(OpenAICompatible):
     """Generator for Flux schnell on Together AI."""
 
     provider = PROVIDER
+    key_name = "Together API key"
+    MODELS = MODELS
+    DEFAULT_PRICES = DEFAULT_PRICES
+    DEFAULT_TIMEOUT_S = 60.0
 
-    def __init__(
-        self,
-        api_key: str,
-        *,
-        base_url: str | None = None,
-        timeout_s: float = 60.0,
-        prices: dict[str, float] | None = None,
-        enabled_models: list[str] | None = None,
-        download_timeout_s: float = 30.0,
-    ):
-        self._api_key = api_key
+    def __init__(self, api_key: str, *, base_url: str | None = None, **kwargs):
+        super().__init__(api_key, base_url=base_url, **kwargs)
+        # Never OPENAI_BASE_URL: that one points at OpenAI (or its gateway), not at Together.
         self._base_url = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
-        self._timeout_s = timeout_s
-        self._download_timeout_s = download_timeout_s
-        self._prices = merge_prices(PROVIDER, DEFAULT_PRICES, prices)
-        self._models = select_models(PROVIDER, MODELS, enabled_models)
-        self._client: AsyncOpenAI | None = None
-        self._session: aiohttp.ClientSession | None = None
-
-    def models(self) -> list[ModelSpec]:
-        return list(self._models)
-
-    def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec("openai") is None:
-            return MISSING_EXTRA
-        if not self._api_key:
-            return "no Together API key is configured"
-        return None
 
     def _cost(self, spec: ModelSpec, width: int, height: int) -> float:
         return self._prices[f"{spec.name}/megapixel"] * width * height / 1e6
@@ -93,22 +66,6 @@ class TogetherFlux:
         spec = find_model(self._models, request.model)
         spec.check(request)
         return self._cost(spec, request.width, request.height)
-
-    def _sdk(self) -> AsyncOpenAI:
-        if self._client is None:
-            from openai import AsyncOpenAI
-
-            self._client = AsyncOpenAI(
-                api_key=self._api_key, base_url=self._base_url, timeout=self._timeout_s, max_retries=0
-            )
-        return self._client
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            import aiohttp
-
-            self._session = aiohttp.ClientSession()
-        return self._session
 
     async def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None
@@ -161,11 +118,3 @@ class TogetherFlux:
             seed=seed,
             cost_usd=self._cost(spec, image.width, image.height),
         )
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
