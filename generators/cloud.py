@@ -121,6 +121,22 @@ class OpenAICompatible(CloudGenerator):
     """A generator speaking OpenAI's image API through the openai SDK (OpenAI itself, Together)."""
 
     sdk_module = "openai"
+    service: str  # the provider's name in messages
+
+    async def _first_image(self, response: Any, expected_size: tuple[int, int]):
+        """The first image of an images response, from its base64 data or fetched from its URL
+        at once (such URLs expire), checked and as PNG."""
+        from generators.download import InvalidProviderImage, fetch_image, image_from_b64
+
+        if not response.data:
+            raise InvalidProviderImage(f"{self.service} answered without an image")
+        item = response.data[0]
+        if item.b64_json:
+            return await image_from_b64(item.b64_json, expected_size=expected_size)
+        if item.url:
+            return await fetch_image(item.url, session=self._http(), timeout_s=self._download_timeout_s,
+                                     expected_size=expected_size)
+        raise InvalidProviderImage(f"{self.service} answered with neither image data nor an image URL")
 
     def _sdk(self):
         if self._client is None:

@@ -22,13 +22,7 @@ from generators.base import (
     TransientGeneratorError,
     UnsupportedRequest,
 )
-from generators.download import (
-    FetchedImage,
-    InvalidProviderImage,
-    fetch_image,
-    image_from_b64,
-    parse_retry_after,
-)
+from generators.download import parse_retry_after
 from generators.images import ImageRejected, decode_image, encode_png
 from generators.cloud import OpenAICompatible, find_model
 
@@ -158,6 +152,7 @@ class OpenAIImages(OpenAICompatible):
 
     provider = PROVIDER
     key_name = "OpenAI API key"
+    service = "OpenAI"
     MODELS = MODELS
     DEFAULT_PRICES = DEFAULT_PRICES
     DEFAULT_TIMEOUT_S = 180.0
@@ -251,21 +246,8 @@ class OpenAIImages(OpenAICompatible):
                 exc, service="OpenAI", api_key=self._api_key, timeout_s=self._timeout_s
             ) from None
 
-        if not response.data:
-            raise InvalidProviderImage("OpenAI answered without an image")
+        image = await self._first_image(response, (request.width, request.height))
         item = response.data[0]
-        image: FetchedImage
-        if item.b64_json:
-            image = await image_from_b64(item.b64_json, expected_size=(request.width, request.height))
-        elif item.url:
-            image = await fetch_image(
-                item.url,
-                session=self._http(),
-                timeout_s=self._download_timeout_s,
-                expected_size=(request.width, request.height),
-            )
-        else:
-            raise InvalidProviderImage("OpenAI answered with neither image data nor an image URL")
         return GeneratedImage(
             data=image.png,
             width=image.width,

@@ -14,7 +14,6 @@ from generators.base import (
     ModelSpec,
     ProgressCallback,
 )
-from generators.download import FetchedImage, InvalidProviderImage, fetch_image, image_from_b64
 from generators.openai_images import translate_openai_error
 from generators.cloud import OpenAICompatible, find_model
 
@@ -50,6 +49,7 @@ class TogetherFlux(OpenAICompatible):
 
     provider = PROVIDER
     key_name = "Together API key"
+    service = "Together"
     MODELS = MODELS
     DEFAULT_PRICES = DEFAULT_PRICES
     DEFAULT_TIMEOUT_S = 60.0
@@ -96,19 +96,7 @@ class TogetherFlux(OpenAICompatible):
                 exc, service="Together", api_key=self._api_key, timeout_s=self._timeout_s
             ) from None
 
-        if not response.data:
-            raise InvalidProviderImage("Together answered without an image")
-        item = response.data[0]
-        expected = (request.width, request.height)
-        image: FetchedImage
-        if item.b64_json:
-            image = await image_from_b64(item.b64_json, expected_size=expected)
-        elif item.url:
-            image = await fetch_image(
-                item.url, session=self._http(), timeout_s=self._download_timeout_s, expected_size=expected
-            )
-        else:
-            raise InvalidProviderImage("Together answered with neither image data nor an image URL")
+        image = await self._first_image(response, (request.width, request.height))
         return GeneratedImage(
             data=image.png,
             width=image.width,
