@@ -137,6 +137,16 @@ class Frontend:
             return False
         return True
 
+    async def _begin(self, interaction: discord.Interaction) -> tuple[UserSettings, float] | None:
+        """Acknowledge a job command at once (privately if the member asked for that); None when
+        easel is shutting down and has said so."""
+        if not await self._gatekeep(interaction):
+            return None
+        started = time.monotonic()
+        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))
+        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
+        return prefs, started
+
     def _resolve_job(self, text: str | None, user_id: int) -> int | None:
         """A job id from '17', 'job 17' or a link to its result message; None: the user's last."""
         if not text:
@@ -341,11 +351,10 @@ class Frontend:
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str | None,
                       seed: int | None, model: str | None, aspect: str | None, quality: str | None,
                       count: int) -> None:
-        if not await self._gatekeep(interaction):
+        begun = await self._begin(interaction)
+        if begun is None:
             return
-        started = time.monotonic()
-        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))
-        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
+        prefs, started = begun
         try:
             if count > self.settings.max_count:
                 raise Refused(f"at most {self.settings.max_count} images at once")
@@ -395,11 +404,10 @@ class Frontend:
 
     async def edit(self, interaction: discord.Interaction, image: discord.Attachment,
                    mask: discord.Attachment | None, prompt: str, model: str | None) -> None:
-        if not await self._gatekeep(interaction):
+        begun = await self._begin(interaction)
+        if begun is None:
             return
-        started = time.monotonic()
-        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))
-        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
+        prefs, started = begun
         try:
             image_bytes = await self._attachment_bytes(image, "image")
             mask_bytes = await self._attachment_bytes(mask, "mask")
@@ -419,11 +427,10 @@ class Frontend:
         await self._from_earlier(interaction, "upscale", job, None)
 
     async def _from_earlier(self, interaction, kind: str, job: str | None, image, **extra) -> None:
-        if not await self._gatekeep(interaction):
+        begun = await self._begin(interaction)
+        if begun is None:
             return
-        started = time.monotonic()
-        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))
-        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
+        prefs, started = begun
         try:
             job_id = self._resolve_job(job, interaction.user.id)
             image_bytes = await self._attachment_bytes(image, "image")
