@@ -75,6 +75,9 @@ class JobRequest:
     channel_id: str | None = None
     nsfw_channel: bool = False
     options: dict[str, str] = field(default_factory=dict)
+    # Jobs of one request (the images of one /imagine count=4) share a group: together they
+    # count as one against the per-user limit of jobs in flight.
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ class Pipeline:
         self.preferences = Preferences(db)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._queues: dict[str, FairQueue] = {}
-        self._in_flight: dict[str, int] = {}
+        self._in_flight: dict[str, dict[str, int]] = {}  # user -> request group -> jobs
         self._tasks: dict[int, asyncio.Task] = {}
         self._waiting_sinks: dict[int, tuple[str, EventSink]] = {}
 
@@ -453,17 +456,21 @@ class Pipeline:
         if kept:
             await asyncio.to_thread(self.jobs.update, job.id, **kept)
 
-        if self._in_flight.get(user, 0) >= self.max_jobs_per_user:
+        groups = self._in_flight.setdefault(user, {})
+        key = request.group or f"job:{job.id}"
+        if key not in groups and len(groups) >= self.max_jobs_per_user:
             return await self._finish(
-                job, "refused", BUSY, f"you already have {self._in_flight[user]} jobs in flight "
+                job, "refused", BUSY, f"you already have {len(groups)} jobs in flight "
                 f"(the limit is {self.max_jobs_per_user}); wait for one to finish", timings,
             )
-        self._in_flight[user] = self._in_flight.get(user, 0) + 1
+        groups[key] = groups.get(key, 0) + 1
         try:
             return await self._reserve_and_run(job, route, gen, request, timings, on_event)
         finally:
-            self._in_flight[user] -= 1
-            if not self._in_flight[user]:
+            groups[key] -= 1
+            if not groups[key]:
+                del groups[key]
+            if not groups:
                 del self._in_flight[user]
 
     async def _reserve_and_run(self, job: JobRecord, route: Route, gen: GenerationRequest,

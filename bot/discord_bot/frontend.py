@@ -11,6 +11,7 @@ from typing import Awaitable, Callable
 
 import discord
 
+from generators.images import ImageRejected, decode_image
 from storage.jobs import JobRecord
 from storage.ledger import micros_to_usd, period_start, usd_to_micros
 from storage.preferences import GuildSettings, UserSettings
@@ -40,10 +41,13 @@ class Refused(Exception):
 
 
 class ProgressMessage:
-    """Edits one message with the queue position and progress, at most once per `interval_s`."""
+    """Edits one message with the queue position and progress, at most once per `interval_s`.
+    A step preview is shown only if `preview_allowed` (the image screen) passes it."""
 
-    def __init__(self, edit: Callable[..., Awaitable[object]], interval_s: float):
+    def __init__(self, edit: Callable[..., Awaitable[object]], interval_s: float,
+                 preview_allowed: Callable[[bytes], bool] | None = None):
         self._edit, self._interval = edit, interval_s
+        self._preview_allowed = preview_allowed
         self._latest: JobEvent | None = None
         self._changed = asyncio.Event()
         self._last_edit = 0.0
@@ -64,8 +68,11 @@ class ProgressMessage:
             self._changed.clear()
             event = self._latest
             kwargs: dict = {"content": progress_text(event.state, event.position, event.fraction)}
-            if event.preview:
-                kwargs["attachments"] = [discord.File(io.BytesIO(event.preview), filename="preview.png")]
+            if event.preview and self._preview_allowed is not None:
+                if await asyncio.to_thread(self._preview_allowed, event.preview):
+                    kwargs["attachments"] = [discord.File(io.BytesIO(event.preview), filename="preview.png")]
+                else:
+                    self._preview_allowed = None  # one blocked preview: show no more of this job
             self._last_edit = time.monotonic()
             try:
                 await self._edit(**kwargs)
@@ -118,6 +125,17 @@ class Frontend:
                     channel_id=str(channel.id) if channel is not None else None,
                     nsfw_channel=_channel_is_nsfw(channel))
 
+    def _preview_screen(self, nsfw_channel: bool) -> Callable[[bytes], bool]:
+        """Step previews pass the same image screen as results before anyone sees them."""
+        def allowed(png: bytes) -> bool:
+            try:
+                image = decode_image(png).image
+            except ImageRejected:
+                return False
+            return self.app.pipeline.image_screen.screen_image(image, nsfw_channel=nsfw_channel).allowed
+
+        return allowed
+
     def is_admin(self, member) -> bool:
         roles = set(self.settings.admin_roles)
         if roles:
@@ -168,7 +186,8 @@ class Frontend:
     async def run_for_interaction(self, interaction: discord.Interaction, requests: list[JobRequest],
                                   *, private: bool, started: float) -> list[JobOutcome]:
         self._track()
-        progress = ProgressMessage(interaction.edit_original_response, self.settings.progress_interval_s)
+        progress = ProgressMessage(interaction.edit_original_response, self.settings.progress_interval_s,
+                                   self._preview_screen(_channel_is_nsfw(interaction.channel)))
         try:
             outcomes = await asyncio.gather(*[
                 self.app.pipeline.submit(r, on_event=progress.on_event if i == 0 else None)
@@ -264,7 +283,8 @@ class Frontend:
         status = await channel.send(
             f"<@{user_id}> \u23f3 working on it\u2026", allowed_mentions=mention,
             reference=discord.MessageReference(message_id=reply_to, channel_id=channel.id, fail_if_not_exists=False))
-        progress = ProgressMessage(status.edit, self.settings.progress_interval_s)
+        progress = ProgressMessage(status.edit, self.settings.progress_interval_s,
+                                   self._preview_screen(request.nsfw_channel))
         outcome = await self.app.pipeline.submit(request, on_event=progress.on_event)
         await progress.stop()
         if not outcome.ok:
@@ -380,7 +400,8 @@ class Frontend:
         requests = [
             JobRequest("imagine", prompt=prompt, negative_prompt=negative,
                        seed=None if seed is None else seed + i,
-                       model=model or prefs.model, aspect=ratio, options=options, **base)
+                       model=model or prefs.model, aspect=ratio, options=options,
+                       group=f"interaction:{interaction.id}", **base)
             for i in range(count)
         ]
         await self.run_for_interaction(interaction, requests, private=prefs.private, started=started)
