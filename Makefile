@@ -30,3 +30,5 @@ test: install-test
 
 bench: install-test
 	$(PY) bench/pipeline_overhead.py
+	$(PY) bench/cloud_throughput.py
+	$(PY) bench/discord_burst.py

@@ -460,8 +460,8 @@ class Pipeline:
         key = request.group or f"job:{job.id}"
         if key not in groups and len(groups) >= self.max_jobs_per_user:
             return await self._finish(
-                job, "refused", BUSY, f"you already have {len(groups)} jobs in flight "
-                f"(the limit is {self.max_jobs_per_user}); wait for one to finish", timings,
+                job, "refused", BUSY, f"you already have {_count(len(groups), 'request')} in "
+                f"flight (the limit is {self.max_jobs_per_user}); wait for one to finish", timings,
             )
         groups[key] = groups.get(key, 0) + 1
         try:
@@ -650,6 +650,10 @@ class Pipeline:
             image_path=str(stored.path) if stored is not None else None,
             balance_usd=micros_to_usd(self.ledger.balance(job.user_id).available_micros),
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _ms(t0: float) -> float:

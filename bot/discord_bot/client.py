@@ -87,26 +87,32 @@ def build_tree(client: "EaselClient") -> app_commands.CommandTree:
     budget = app_commands.Group(name="budget", description="Budgets (admins)", guild_only=True,
                                 default_permissions=discord.Permissions(manage_guild=True))
     @budget.command(name="show", description="A member's balance and spend")
+    @app_commands.describe(user="the member", period="spend over this period (default: the budget period)")
     async def budget_show(interaction: discord.Interaction, user: discord.Member, period: Period | None = None):
         await front.budget(interaction, "show", user, period=period)
 
     @budget.command(name="set", description="Set a member's balance")
+    @app_commands.describe(user="the member", amount="the new balance in USD")
     async def budget_set(interaction: discord.Interaction, user: discord.Member, amount: float):
         await front.budget(interaction, "set", user, amount)
 
     @budget.command(name="grant", description="Add to a member's balance")
+    @app_commands.describe(user="the member", amount="USD to add (negative to take away)")
     async def budget_grant(interaction: discord.Interaction, user: discord.Member, amount: float):
         await front.budget(interaction, "grant", user, amount)
 
     @budget.command(name="reset", description="Put a member's balance back to the default allowance")
+    @app_commands.describe(user="the member")
     async def budget_reset(interaction: discord.Interaction, user: discord.Member):
         await front.budget(interaction, "reset", user)
 
     @budget.command(name="report", description="Top spenders and spend per provider")
+    @app_commands.describe(period="spend over this period (default: the budget period)")
     async def budget_report(interaction: discord.Interaction, period: Period | None = None):
         await front.budget(interaction, "report", period=period)
 
     @budget.command(name="guild-cap", description="This server's spending cap per period (0: none)")
+    @app_commands.describe(amount="USD per budget period; 0 removes the cap")
     async def budget_guild_cap(interaction: discord.Interaction, amount: float):
         await front.budget(interaction, "guild-cap", amount=amount)
 

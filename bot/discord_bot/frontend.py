@@ -257,12 +257,22 @@ class Frontend:
                 if not is_expired_token_error(exc):
                     raise
                 file.reset()
+        if message is None and private:
+            # The token has expired and the member wants privacy: a direct message, else a word
+            # in the channel without the image.
+            try:
+                message = await interaction.user.send(embed=embed, file=file, view=view)
+            except discord.HTTPException:
+                await interaction.channel.send(
+                    f"<@{interaction.user.id}> your private result (job {outcome.job.id}) is ready, "
+                    f"but I cannot send you direct messages: see /usage",
+                    allowed_mentions=discord.AllowedMentions(users=True))
+                return
         if message is None:
             # The interaction token has expired: post as a normal message that mentions the user.
             message = await interaction.channel.send(
                 content=f"<@{interaction.user.id}> your image is ready", embed=embed, file=file,
                 view=view, allowed_mentions=discord.AllowedMentions(users=True))
-            private = False
         self.app.jobs.update(outcome.job.id, message_id=str(message.id))
         if not private:
             await self._add_reactions(message)

@@ -661,6 +661,7 @@ class FakeDiscord:
         routes.add_get("/attachments/{attachment_id}/{filename}", self._serve_attachment)
         api = API_PREFIX
         routes.add_get(f"{api}/users/@me", self._get_current_user)
+        routes.add_get(f"{api}/gateway/bot", self._get_bot_gateway)
         routes.add_get(f"{api}/oauth2/applications/@me", self._get_application)
         global_commands = f"{api}/applications/{{application_id}}/commands"
         guild_commands = f"{api}/applications/{{application_id}}/guilds/{{guild_id}}/commands"
@@ -1333,6 +1334,11 @@ class FakeDiscord:
 
     async def _get_current_user(self, request: web.Request) -> web.Response:
         return _json_response({**self.bot_user.payload(), **_CURRENT_USER_EXTRAS})
+
+    async def _get_bot_gateway(self, request: web.Request) -> web.Response:
+        """Where to connect: what a bot asks when it is given only the REST base."""
+        limit = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
+        return _json_response({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
 
     async def _get_application(self, request: web.Request) -> web.Response:
         return _json_response(
