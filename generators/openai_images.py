@@ -204,6 +204,7 @@ class OpenAIImages(OpenAICompatible):
         client = self._sdk()
         from openai import OpenAIError
 
+        common = dict(model=spec.name, prompt=request.prompt, size=size, n=1, quality=options["quality"])
         try:
             if request.kind == "edit":
                 if request.source_image is None:
@@ -212,35 +213,13 @@ class OpenAIImages(OpenAICompatible):
                 if request.mask_image is not None:
                     mask = await asyncio.to_thread(_alpha_mask, request.source_image, request.mask_image)
                     files["mask"] = ("mask.png", mask, "image/png")
-                response = await client.images.edit(
-                    model=spec.name,
-                    prompt=request.prompt,
-                    size=size,
-                    n=1,
-                    quality=options["quality"],
-                    output_format="png",
-                    **files,
-                )
+                response = await client.images.edit(**common, output_format="png", **files)
             elif spec.name == "dall-e-3":
                 # b64_json spares a second fetch from a URL that expires.
                 response = await client.images.generate(
-                    model=spec.name,
-                    prompt=request.prompt,
-                    size=size,
-                    n=1,
-                    quality=options["quality"],
-                    style=options["style"],
-                    response_format="b64_json",
-                )
+                    **common, style=options["style"], response_format="b64_json")
             else:  # GPT Image models always answer with b64_json and reject `response_format`.
-                response = await client.images.generate(
-                    model=spec.name,
-                    prompt=request.prompt,
-                    size=size,
-                    n=1,
-                    quality=options["quality"],
-                    output_format="png",
-                )
+                response = await client.images.generate(**common, output_format="png")
         except OpenAIError as exc:
             raise translate_openai_error(
                 exc, service="OpenAI", api_key=self._api_key, timeout_s=self._timeout_s
