@@ -28,6 +28,21 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"no TOML form for {value!r}")
 
 
+def write_workspace_config(root: Path, *, image_classifier: str = "none", **sections) -> int:
+    """An easel.toml in `root` with data under root/data and the image server on a free port
+    (returned); `sections` add or replace tables."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    write_config(root / "easel.toml", {
+        "storage": {"database": "data/easel.db", "images_dir": "data/images",
+                    "public_url": f"http://127.0.0.1:{port}"},
+        "server": {"port": port},
+        "moderation": {"image_classifier": image_classifier},
+        **sections,
+    })
+    return port
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

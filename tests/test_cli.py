@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import free_port, png_declaring, write_config
+from tests.helpers import png_declaring, write_config, write_workspace_config
 
 _SCRIPT = Path(sys.executable).with_name("easel")
 EASEL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bot.cli"]
@@ -95,16 +95,7 @@ def _outcome(result: subprocess.CompletedProcess, expect: int) -> dict:
 
 
 def make_workspace(root: Path, *, image_classifier: str = "none", **sections) -> Workspace:
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    write_config(root / "easel.toml", {
-        "storage": {"database": "data/easel.db", "images_dir": "data/images",
-                    "public_url": f"http://127.0.0.1:{port}"},
-        "server": {"port": port},
-        "moderation": {"image_classifier": image_classifier},
-        **sections,
-    })
-    return Workspace(root, port)
+    return Workspace(root, write_workspace_config(root, image_classifier=image_classifier, **sections))
 
 
 def _sha256_of(path: str | Path) -> str:

@@ -46,16 +46,9 @@ from tests.discord_helpers import (  # noqa: E402
 )
 from tests.fakes.discord_server import EPHEMERAL, FakeDiscord  # noqa: E402
 from tests.fakes.generators import GeneratorError, PreparedGenerator, png_bytes  # noqa: E402
-from tests.helpers import free_port, write_config  # noqa: E402
+from tests.helpers import write_workspace_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as server:
-        with server.patch_discord_py():
-            yield server
 
 
 @pytest.fixture
@@ -952,15 +945,7 @@ async def easel_process(fake: FakeDiscord, tmp_path):
 
 
 def write_workspace(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    write_config(root / "easel.toml", {
-        "storage": {"database": "data/easel.db", "images_dir": "data/images",
-                    "public_url": f"http://127.0.0.1:{port}"},
-        "server": {"port": port},
-        "moderation": {"image_classifier": "none"},
-        "discord": {"progress_interval_s": 1.0},
-    })
+    write_workspace_config(root, discord={"progress_interval_s": 1.0})
     return root
 
 

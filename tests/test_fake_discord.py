@@ -165,13 +165,6 @@ async def _next(queue: asyncio.Queue[Any]) -> Any:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as server:
-        with server.patch_discord_py():
-            yield server
-
-
-@pytest.fixture
 async def bot(fake: FakeDiscord) -> AsyncIterator[ProbeBot]:
     bot = ProbeBot(fake.guild.id)
     runner = await _connect(fake, bot)
