@@ -9,7 +9,7 @@ import importlib.util
 import math
 from typing import TYPE_CHECKING, Any, Mapping
 
-from generators.base import ModelSpec, UnsupportedRequest
+from bot.core.models import ModelSpec, UnsupportedRequest
 
 if TYPE_CHECKING:
     import aiohttp

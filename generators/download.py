@@ -17,7 +17,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from generators.base import GeneratorError, TransientGeneratorError
+from bot.core.models import GeneratorError, TransientGeneratorError
 from generators.images import ImageRejected, decode_image, encode_png
 
 if TYPE_CHECKING:

@@ -97,3 +97,18 @@ def encode_png(img: Image.Image, text: dict[str, str] | None = None) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", pnginfo=info, optimize=False)
     return buf.getvalue()
+
+
+class PillowCodec:
+    """The core's image codec (decode and check outside bytes, encode PNG), on Pillow."""
+
+    rejected = ImageRejected
+
+    def decode(
+        self, data: bytes, *, max_pixels: int | None = None, reject_blank: bool = False
+    ) -> CheckedImage:
+        return decode_image(data, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, reject_blank=reject_blank)
+
+    def to_png(self, decoded: CheckedImage, mode: str | None = None) -> bytes:
+        image = decoded.image if mode is None else decoded.image.convert(mode)
+        return encode_png(image)

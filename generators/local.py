@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from generators.base import (
+from bot.core.models import (
     GeneratedImage,
     GenerationRequest,
     GeneratorError,

@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from generators.base import (
+from bot.core.models import (
     ContentPolicyError,
     GeneratedImage,
     GenerationRequest,

@@ -14,7 +14,7 @@ import re
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from generators.base import (
+from bot.core.models import (
     ContentPolicyError,
     GeneratedImage,
     GenerationRequest,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import secrets
 
-from generators.base import (
+from bot.core.models import (
     GeneratedImage,
     GenerationRequest,
     ModelSpec,

@@ -9,7 +9,7 @@ from moderation.image import (
     judge_detections,
 )
 from moderation.prompt import DEFAULT_PROMPT_RULES, PromptRule, PromptScreen
-from moderation.verdict import Verdict
+from bot.core.models import Verdict
 
 __all__ = [
     "DEFAULT_PROMPT_RULES",

@@ -8,7 +8,7 @@ import importlib.util
 import threading
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Protocol
 
-from moderation.verdict import ALLOWED, Verdict
+from bot.core.models import ALLOWED, Verdict
 
 if TYPE_CHECKING:
     from PIL import Image

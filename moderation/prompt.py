@@ -15,7 +15,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from moderation.verdict import ALLOWED, Verdict
+from bot.core.models import ALLOWED, Verdict
 
 # Format characters that render as nothing: "nu\u200bde" must read as "nude".
 _INVISIBLE = re.compile(

@@ -5,19 +5,12 @@ import hashlib
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+
+from bot.core.models import StoredBlob
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
-
-
-@dataclass(frozen=True)
-class StoredBlob:
-    key: str  # sha256 of the bytes, hex
-    path: Path
-    url: str
-    size: int
 
 
 def is_key(key: str) -> bool:
@@ -56,7 +49,7 @@ class LocalBlobStore:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
-        return StoredBlob(key=key, path=path, url=self.url_for(key, ext), size=len(data))
+        return StoredBlob(key=key, url=self.url_for(key, ext), size=len(data), path=path)
 
     def get(self, key: str, ext: str = "png") -> bytes:
         return self.path_for(key, ext).read_bytes()

@@ -112,9 +112,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-JOB_STATES = ("queued", "running", "done", "failed", "blocked", "cancelled", "refused")
-
-
 class Database:
     """A thread-safe handle on the easel database file."""
 

@@ -7,77 +7,15 @@ never lost or counted twice, even across concurrent writers or a crash.
 """
 from __future__ import annotations
 
-import calendar
-import time
-from dataclasses import dataclass
+from bot.core.models import (
+    Balance,
+    Caps,
+    GuildCapReached,
+    InsufficientFunds,
+    SpendCapReached,
+)
 
 from .db import Database, now
-
-MICROS_PER_USD = 1_000_000
-
-
-def usd_to_micros(usd: float) -> int:
-    return int(round(usd * MICROS_PER_USD))
-
-
-def micros_to_usd(micros: int) -> float:
-    return micros / MICROS_PER_USD
-
-
-PERIODS = ("day", "week", "month")
-
-
-def period_start(period: str, t: float | None = None) -> float:
-    """The start (UTC) of the budget period that contains time `t`."""
-    t = time.time() if t is None else t
-    g = time.gmtime(t)
-    if period == "day":
-        return calendar.timegm((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0))
-    if period == "week":  # weeks start on Monday
-        return calendar.timegm((g.tm_year, g.tm_mon, g.tm_mday, 0, 0, 0)) - g.tm_wday * 86400
-    if period == "month":
-        return calendar.timegm((g.tm_year, g.tm_mon, 1, 0, 0, 0))
-    raise ValueError(f"unknown budget period {period!r}; periods: {', '.join(PERIODS)}")
-
-
-class SpendCapReached(Exception):
-    def __init__(self, cap_micros: int):
-        self.cap_micros = cap_micros
-        super().__init__(
-            f"this server's daily spending cap of ${micros_to_usd(cap_micros):.2f} is reached; "
-            f"paid generation resumes at 00:00 UTC"
-        )
-
-
-class GuildCapReached(Exception):
-    def __init__(self, cap_micros: int):
-        self.cap_micros = cap_micros
-        super().__init__(
-            f"this server's spending cap of ${micros_to_usd(cap_micros):.2f} for this budget "
-            f"period is reached; ask an admin to raise it"
-        )
-
-
-class InsufficientFunds(Exception):
-    def __init__(self, user_id: str, available_micros: int, needed_micros: int):
-        self.user_id = user_id
-        self.available_micros = available_micros
-        self.needed_micros = needed_micros
-        super().__init__(
-            f"over budget: this costs up to ${micros_to_usd(needed_micros):.4f} and "
-            f"${micros_to_usd(available_micros):.4f} is available"
-        )
-
-
-@dataclass(frozen=True)
-class Balance:
-    user_id: str
-    balance_micros: int  # money the user has, with nothing held
-    reserved_micros: int  # held for jobs in flight
-
-    @property
-    def available_micros(self) -> int:
-        return self.balance_micros - self.reserved_micros
 
 
 class Ledger:
@@ -113,15 +51,17 @@ class Ledger:
             return Balance(user_id, self.default_allowance_micros, 0)
         return Balance(user_id, row[0], row[1])
 
-    def reserve(self, user_id: str, job_id: int, amount_micros: int, *, provider: str | None = None,
-                paid: bool = False, daily_cap_micros: int = 0, day_start: float = 0.0,
-                guild_id: str | None = None, guild_cap_micros: int | None = None,
-                period_start: float = 0.0) -> Balance:
-        """Hold `amount_micros` for `job_id`, or raise InsufficientFunds and hold nothing.
+    def reserve(self, user_id: str, job_id: int, amount_micros: int, caps: Caps | None = None,
+                provider: str | None = None) -> Balance:
+        """Hold `amount_micros` for `job_id`, or raise a BudgetRefusal and hold nothing.
 
-        `paid` marks money really spent with a provider: with a `daily_cap_micros`, the paid
-        spend settled since `day_start` plus what is held for paid jobs may not exceed it.
-        With a `guild_cap_micros`, the same holds for the guild's spend since `period_start`."""
+        `caps.paid` marks money really spent with a provider: with a daily cap, the paid spend
+        settled since `caps.day_start` plus what is held for paid jobs may not exceed it. With a
+        guild cap, the same holds for the guild's spend since `caps.period_start`."""
+        caps = caps or Caps()
+        guild_id, guild_cap_micros = caps.guild_id, caps.guild_cap_micros
+        paid, daily_cap_micros = caps.paid, caps.daily_cap_micros
+        day_start, period_start = caps.day_start, caps.period_start
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
         with self.db.transaction() as conn:

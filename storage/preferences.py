@@ -2,24 +2,9 @@
 default model and spending cap."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from bot.core.models import GuildSettings, UserSettings
 
 from .db import Database, now
-
-
-@dataclass(frozen=True)
-class UserSettings:
-    user_id: str
-    model: str | None = None
-    aspect: str | None = None
-    private: bool = False
-
-
-@dataclass(frozen=True)
-class GuildSettings:
-    guild_id: str
-    default_model: str | None = None
-    spend_cap_micros: int | None = None  # per budget period; None: no cap
 
 
 class Preferences:

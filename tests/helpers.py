@@ -80,3 +80,38 @@ def reserve_in_own_connection(db_path: str, user_id: str, job_id: int, amount_mi
         results.put((job_id, False))
     finally:
         db.close()
+
+
+_PARAMS = {"negative_prompt", "seed", "size", "steps", "guidance", "strength", "model", "options"}
+_REQUESTER = {"guild_id", "channel_id", "nsfw_channel"}
+
+
+def job_request(kind: str, user_id: str = "u1", prompt: str = "", **fields: Any):
+    """A JobRequest from flat keywords, as a front end would build it: parameters, where the
+    requester is, and the request's own fields (source_job_id, image, mask, aspect, group)."""
+    from bot.core.models import GenerationParams, JobRequest, Kind, Requester
+
+    params = GenerationParams(prompt=prompt, **{k: fields.pop(k) for k in _PARAMS & fields.keys()})
+    requester = Requester(user_id, **{k: fields.pop(k) for k in _REQUESTER & fields.keys()})
+    return JobRequest(Kind(kind), requester, params, **fields)
+
+
+def generation_request(kind: str = "imagine", *, model: str, prompt: str = "", width: int = 64,
+                       height: int = 64, source_image: bytes | None = None,
+                       mask_image: bytes | None = None, upscale_factor: int = 2, **params: Any):
+    """A GenerationRequest as the planner makes it: resolved size and model."""
+    from bot.core.models import GenerationParams, GenerationRequest, Kind
+
+    return GenerationRequest(
+        Kind(kind), GenerationParams(prompt=prompt, model=model, size=(width, height), **params),
+        source_image=source_image, mask_image=mask_image, upscale_factor=upscale_factor)
+
+
+def start_app(settings, generators=None, image_screen=None, queue_limits=None):
+    """The app as a front end starts it: wired by bootstrap, then recovered."""
+    from bot.bootstrap import Overrides, bootstrap
+
+    app = bootstrap(settings, Overrides(generators=generators, image_screen=image_screen,
+                                        queue_limits=queue_limits or {}))
+    app.recover()
+    return app

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from generators.base import (
+from bot.core.models import (
     ContentPolicyError,
     GenerationRequest,
     GeneratorError,
@@ -34,6 +34,7 @@ from generators.download import (
 from generators.openai_images import OpenAIImages
 from generators.replicate_flux import ReplicateFlux
 from generators.together_flux import TogetherFlux
+from tests.helpers import generation_request
 from tests.fakes.providers import (
     HTML_ERROR_PAGE,
     FakeOpenAI,
@@ -56,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def request(model: str, width: int = 1024, height: int = 1024, **fields) -> GenerationRequest:
     kind, prompt = fields.pop("kind", "imagine"), fields.pop("prompt", PROMPT)
-    return GenerationRequest(kind=kind, model=model, prompt=prompt, width=width, height=height, **fields)
+    return generation_request(kind, model=model, prompt=prompt, width=width, height=height, **fields)
 
 
 def decoded_size(png: bytes) -> tuple[int, int]:

@@ -6,11 +6,10 @@ import logging
 
 import pytest
 
-from bot.app import build_app
 from bot.config import settings_from_dict
-from bot.pipeline import JobRequest
 from moderation import NoImageScreen
-from storage.ledger import usd_to_micros
+from bot.core.models import usd_to_micros
+from tests.helpers import job_request, start_app
 from tests.fakes.providers import (
     HTML_ERROR_PAGE,
     FakeOpenAI,
@@ -49,7 +48,7 @@ def make_app(tmp_path, fakes, **overrides):
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)
-    return build_app(settings_from_dict(data), image_screen=NoImageScreen())
+    return start_app(settings_from_dict(data), image_screen=NoImageScreen())
 
 
 def balance(app, user="u1"):
@@ -59,10 +58,10 @@ def balance(app, user="u1"):
 async def test_unservable_request_is_refused_before_anything_is_reserved_or_sent(tmp_path, fakes):
     openai, _, _ = fakes
     app = make_app(tmp_path, fakes)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --seed 3 --model dall-e-3"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox --seed 3 --model dall-e-3"))
     assert out.error_code == "usage" and "dall-e-3 does not take a seed" in out.error
     assert openai.calls("POST", "/v1/images") == [] and app.jobs.list() == []
-    out = await app.pipeline.submit(JobRequest("edit", "u1", "a hat", model="flux-schnell",
+    out = await app.service.submit(job_request("edit", "u1", "a hat", model="flux-schnell",
                                                image=open(__file__, "rb").read()))
     assert out.error_code == "usage"
 
@@ -71,7 +70,7 @@ async def test_dalle3_url_output_is_rehosted_at_once(tmp_path, fakes):
     openai, _, _ = fakes
     openai.output_policy = HostPolicy(expire_after=1)
     app = make_app(tmp_path, fakes)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a lighthouse", model="dalle",
+    out = await app.service.submit(job_request("imagine", "u1", "a lighthouse", model="dalle",
                                                options={"quality": "hd"}))
     assert out.ok, out.error
     job = out.job
@@ -86,7 +85,7 @@ async def test_dalle3_url_output_is_rehosted_at_once(tmp_path, fakes):
 async def test_flux_seed_is_sent_and_recorded(tmp_path, fakes):
     _, replicate, _ = fakes
     app = make_app(tmp_path, fakes)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --seed 42 --ar 16:9"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox --seed 42 --ar 16:9"))
     assert out.ok, out.error
     created = replicate.calls("POST", "/v1/models/black-forest-labs/flux-schnell/predictions")[0].json
     assert created["input"]["seed"] == 42 and created["input"]["aspect_ratio"] == "16:9"
@@ -99,7 +98,7 @@ async def test_content_policy_refusal_is_a_block_refunded_and_not_retried(tmp_pa
     openai.script("generations", openai_error(400, "Your request was rejected as a result of our safety system.",
                                               type="image_generation_user_error", code="content_policy_violation"))
     app = make_app(tmp_path, fakes)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", model="dall-e-3"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox", model="dall-e-3"))
     assert (out.status, out.error_code) == ("blocked", "blocked")
     assert len(openai.calls("POST", "/v1/images/generations")) == 1
     assert balance(app).available_micros == usd_to_micros(1.0)
@@ -109,7 +108,7 @@ async def test_server_error_then_success_is_retried_and_charged_once(tmp_path, f
     openai, _, _ = fakes
     openai.script("generations", openai_error(500, "The server had an error.", type="server_error"))
     app = make_app(tmp_path, fakes)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", model="dall-e-3"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox", model="dall-e-3"))
     assert out.ok and len(openai.calls("POST", "/v1/images/generations")) == 2
     assert balance(app).balance_micros == usd_to_micros(1.0) - usd_to_micros(0.04)
 
@@ -121,7 +120,7 @@ async def test_bad_output_fails_and_refunds(tmp_path, fakes, bad):
     openai, _, _ = fakes
     openai.make_output = (lambda w, h: HTML_ERROR_PAGE) if bad == "html" else truncated_png
     app = make_app(tmp_path, fakes, routing={"retry_attempts": 1})
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", model="dall-e-3"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox", model="dall-e-3"))
     assert out.status == "failed"
     assert balance(app).available_micros == usd_to_micros(1.0) and balance(app).reserved_micros == 0
 
@@ -132,7 +131,7 @@ async def test_failing_provider_falls_back_and_says_which_model_served(tmp_path,
     app = make_app(tmp_path, fakes, routing={"fallbacks": {"flux-schnell": "together/flux-schnell"},
                                              "retry_attempts": 1})
     caplog.set_level(logging.DEBUG)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --seed 5", size=(1024, 1024)))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox --seed 5", size=(1024, 1024)))
     assert out.ok, out.error
     assert (out.job.model, out.job.provider, out.job.seed) == ("together/flux-schnell", "together", 5)
     sent = together.calls("POST", "/v1/images/generations")[0].json
@@ -148,7 +147,7 @@ async def test_hung_prediction_is_cancelled_and_refunded(tmp_path, fakes):
     replicate.outcome = Outcome(kind="hang")
     app = make_app(tmp_path, fakes, generators={"local": {"enabled": False}, "replicate": {
         "base_url": replicate.base_url, "timeout_s": 0.3}}, routing={"retry_attempts": 1})
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert out.status == "failed"
     assert replicate.calls("POST", "/v1/predictions/")  # the cancel call
     assert balance(app).available_micros == usd_to_micros(1.0)

@@ -1,6 +1,6 @@
 import pytest
 
-from bot.flags import FlagError, parse_flags, parse_size, size_for_aspect
+from bot.core.flags import FlagError, parse_flags, parse_size, size_for_aspect
 
 
 def test_midjourney_style_flags():

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers", reason="the 'local' extra is not installed")
 import numpy as np  # noqa: E402  (comes with torch)
 from PIL import Image  # noqa: E402
 
-from generators.base import (  # noqa: E402
+from bot.core.models import (  # noqa: E402
     GenerationRequest,
     Generator,
     GeneratorError,
@@ -22,6 +22,7 @@ from generators.base import (  # noqa: E402
 )
 from generators.local import LANCZOS_NOTE, DiffusersGenerator  # noqa: E402
 from generators.tiny import build_tiny_pipeline  # noqa: E402
+from tests.helpers import generation_request  # noqa: E402
 
 WEIGHT_FILES = (
     "text_encoder/model.safetensors",
@@ -97,10 +98,9 @@ def tiny_upscaler_dir(tiny_dir, tmp_path_factory) -> Path:
 
 
 def request(kind: str = "imagine", **fields) -> GenerationRequest:
-    values = dict(kind=kind, model="tiny", prompt="a lighthouse at dusk", width=64, height=64,
-                  seed=1, steps=2)
+    values = dict(model="tiny", prompt="a lighthouse at dusk", width=64, height=64, seed=1, steps=2)
     values.update(fields)
-    return GenerationRequest(**values)
+    return generation_request(kind, **values)
 
 
 def pixels(png: bytes) -> np.ndarray:

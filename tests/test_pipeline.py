@@ -7,12 +7,11 @@ import os
 
 import pytest
 
-from bot.app import build_app
 from bot.config import settings_from_dict
-from bot.pipeline import JobRequest
-from generators.base import ContentPolicyError, GeneratorError, TransientGeneratorError
+from bot.core.models import ContentPolicyError, GeneratorError, TransientGeneratorError
 from moderation import NoImageScreen, Verdict
-from storage.ledger import usd_to_micros
+from bot.core.models import usd_to_micros
+from tests.helpers import job_request, start_app
 from tests.fakes.generators import PreparedGenerator, png_bytes
 
 
@@ -26,7 +25,7 @@ class BlockEverything:
         return None
 
 
-def make_app(tmp_path, *gens, allowance=1.0, image_screen=None, **overrides):
+def make_app(tmp_path, *gens, allowance=1.0, image_screen=None, queue_limits=None, **overrides):
     data = {
         "storage": {"database": str(tmp_path / "easel.db"), "images_dir": str(tmp_path / "images")},
         "generation": {"default_model": "fake-model", "job_timeout_s": 5.0},
@@ -34,8 +33,8 @@ def make_app(tmp_path, *gens, allowance=1.0, image_screen=None, **overrides):
     }
     for section, values in overrides.items():
         data.setdefault(section, {}).update(values)
-    app = build_app(settings_from_dict(data), generators=list(gens) or [PreparedGenerator()],
-                    image_screen=image_screen or NoImageScreen())
+    app = start_app(settings_from_dict(data), generators=list(gens) or [PreparedGenerator()],
+                    image_screen=image_screen or NoImageScreen(), queue_limits=queue_limits)
     app.router.retry = type(app.router.retry)(attempts=3, base_delay_s=0.001, max_delay_s=0.01)
     return app
 
@@ -47,7 +46,7 @@ def available(app, user="u1") -> int:
 async def test_done_job_is_stored_recorded_and_charged(tmp_path):
     gen = PreparedGenerator(price_usd=0.02, billed_usd=0.015)
     app = make_app(tmp_path, gen)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a red fox --seed 42 --no blur --ar 2:1"))
+    out = await app.service.submit(job_request("imagine", "u1", "a red fox --seed 42 --no blur --ar 2:1"))
     assert out.status == "done", out.error
     job = out.job
     assert (job.seed, job.negative_prompt, job.prompt) == (42, "blur", "a red fox")
@@ -66,24 +65,24 @@ async def test_done_job_is_stored_recorded_and_charged(tmp_path):
 
 async def test_seed_is_chosen_and_recorded_when_none_given(tmp_path):
     app = make_app(tmp_path)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert out.ok and isinstance(out.job.seed, int)
-    again = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", seed=out.job.seed))
+    again = await app.service.submit(job_request("imagine", "u1", "a fox", seed=out.job.seed))
     assert again.job.sha256 == out.job.sha256
 
 
 async def test_model_without_seed_records_none(tmp_path):
     app = make_app(tmp_path, PreparedGenerator(honours_seed=False))
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert out.ok and out.job.seed is None
-    refused = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --seed 3"))
+    refused = await app.service.submit(job_request("imagine", "u1", "a fox --seed 3"))
     assert refused.error_code == "usage" and "does not take a seed" in refused.error
 
 
 async def test_failed_generation_releases_the_reservation(tmp_path):
     gen = PreparedGenerator(script=[GeneratorError("the GPU caught fire")])
     app = make_app(tmp_path, gen)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert out.status == "failed" and "caught fire" in out.error
     assert available(app) == usd_to_micros(1.0)
     assert app.jobs.get(out.job.id).status == "failed"
@@ -93,14 +92,14 @@ async def test_failed_generation_releases_the_reservation(tmp_path):
 async def test_transient_failures_are_retried(tmp_path):
     gen = PreparedGenerator(script=[TransientGeneratorError("503"), TransientGeneratorError("429", retry_after=0.01)])
     app = make_app(tmp_path, gen)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert out.ok and len(gen.calls) == 3
 
 
 async def test_content_policy_refusal_is_a_block_and_not_retried(tmp_path):
     gen = PreparedGenerator(script=[ContentPolicyError("content_policy_violation")])
     app = make_app(tmp_path, gen)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert (out.status, out.error_code) == ("blocked", "blocked") and len(gen.calls) == 1
     assert available(app) == usd_to_micros(1.0)
 
@@ -114,7 +113,7 @@ async def test_content_policy_refusal_is_a_block_and_not_retried(tmp_path):
 async def test_unusable_output_is_rejected_and_refunded(tmp_path, bad, reason):
     gen = PreparedGenerator(script=[bad])
     app = make_app(tmp_path, gen)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", size=(64, 64)))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox", size=(64, 64)))
     assert out.status == "failed" and reason in out.error
     assert available(app) == usd_to_micros(1.0)
     assert not any((tmp_path / "images").rglob("*.png"))
@@ -126,14 +125,14 @@ async def test_blank_output_is_rejected(tmp_path):
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "black").save(buf, format="PNG")
     app = make_app(tmp_path, PreparedGenerator(script=[buf.getvalue()]))
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", size=(64, 64)))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox", size=(64, 64)))
     assert out.status == "failed" and "blank" in out.error
 
 
 async def test_blocked_prompt_reaches_no_generator_and_costs_nothing(tmp_path):
     gen = PreparedGenerator()
     app = make_app(tmp_path, gen)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "an N S F W scene"))
+    out = await app.service.submit(job_request("imagine", "u1", "an N S F W scene"))
     assert out.status == "blocked" and gen.calls == []
     assert "nsfw" not in out.error.lower().replace(" ", "")  # the rule is named, the words are not echoed
     assert available(app) == usd_to_micros(1.0)
@@ -142,13 +141,13 @@ async def test_blocked_prompt_reaches_no_generator_and_costs_nothing(tmp_path):
 
 async def test_explicit_terms_are_allowed_in_age_restricted_channels(tmp_path):
     app = make_app(tmp_path)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "an nsfw scene", nsfw_channel=True))
+    out = await app.service.submit(job_request("imagine", "u1", "an nsfw scene", nsfw_channel=True))
     assert out.ok
 
 
 async def test_blocked_output_is_not_stored_or_charged(tmp_path):
     app = make_app(tmp_path, image_screen=BlockEverything())
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert out.status == "blocked" and "blocked by the test screen" in out.error
     assert out.job.sha256 is None and not any((tmp_path / "images").rglob("*.png"))
     assert available(app) == usd_to_micros(1.0)
@@ -157,14 +156,14 @@ async def test_blocked_output_is_not_stored_or_charged(tmp_path):
 async def test_blocked_output_is_charged_when_configured(tmp_path):
     app = make_app(tmp_path, PreparedGenerator(price_usd=0.05), image_screen=BlockEverything(),
                    moderation={"blocked_outputs_are_paid": True})
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert out.status == "blocked" and available(app) == usd_to_micros(0.95)
 
 
 async def test_over_budget_is_refused_before_generation(tmp_path):
     gen = PreparedGenerator(price_usd=0.6)
     app = make_app(tmp_path, gen, allowance=0.5)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert (out.status, out.error_code) == ("refused", "over_budget")
     assert "$0.6000" in out.error and "$0.5000" in out.error
     assert gen.calls == [] and available(app) == usd_to_micros(0.5)
@@ -173,7 +172,7 @@ async def test_over_budget_is_refused_before_generation(tmp_path):
 async def test_concurrent_requests_cannot_overspend(tmp_path):
     gen = PreparedGenerator(price_usd=0.4, delay_s=0.05)
     app = make_app(tmp_path, gen, allowance=1.0, queue={"max_jobs_per_user": 10})
-    outs = await asyncio.gather(*[app.pipeline.submit(JobRequest("imagine", "u1", f"fox {i}")) for i in range(5)])
+    outs = await asyncio.gather(*[app.service.submit(job_request("imagine", "u1", f"fox {i}")) for i in range(5)])
     statuses = sorted(o.status for o in outs)
     assert statuses.count("done") == 2 and statuses.count("refused") == 3
     assert all(o.error_code == "over_budget" for o in outs if o.status == "refused")
@@ -186,7 +185,7 @@ async def test_usage_errors_create_no_job(tmp_path):
                           ("x" * 20_000, "20000 characters"),
                           ("a fox --model nope", "unknown model 'nope'"),
                           ("", "empty")]:
-        out = await app.pipeline.submit(JobRequest("imagine", "u1", prompt))
+        out = await app.service.submit(job_request("imagine", "u1", prompt))
         assert (out.status, out.error_code) == ("refused", "usage") and words in out.error
     assert app.jobs.list() == []
 
@@ -194,7 +193,7 @@ async def test_usage_errors_create_no_job(tmp_path):
 async def test_too_many_jobs_in_flight_are_refused(tmp_path):
     gen = PreparedGenerator(delay_s=0.2)
     app = make_app(tmp_path, gen, queue={"max_jobs_per_user": 2})
-    outs = await asyncio.gather(*[app.pipeline.submit(JobRequest("imagine", "u1", "a fox")) for _ in range(3)])
+    outs = await asyncio.gather(*[app.service.submit(job_request("imagine", "u1", "a fox")) for _ in range(3)])
     assert sorted(o.status for o in outs) == ["done", "done", "refused"]
     busy = next(o for o in outs if o.status == "refused")
     assert busy.error_code == "busy" and available(app) == usd_to_micros(1.0) - 2 * usd_to_micros(0.01)
@@ -202,13 +201,12 @@ async def test_too_many_jobs_in_flight_are_refused(tmp_path):
 
 async def test_queue_is_fair_across_users(tmp_path):
     gen = PreparedGenerator(delay_s=0.02)
-    app = make_app(tmp_path, gen, queue={"max_jobs_per_user": 10})
-    app.pipeline.queue_limits["fake"] = 1
+    app = make_app(tmp_path, gen, queue={"max_jobs_per_user": 10}, queue_limits={"fake": 1})
     order: list[str] = []
 
     async def one(user, prompt, delay=0.0):
         await asyncio.sleep(delay)
-        out = await app.pipeline.submit(JobRequest("imagine", user, prompt))
+        out = await app.service.submit(job_request("imagine", user, prompt))
         order.append(user)
         return out
 
@@ -220,18 +218,17 @@ async def test_queue_is_fair_across_users(tmp_path):
 
 async def test_queued_job_reports_position_and_can_be_cancelled(tmp_path):
     gen = PreparedGenerator(delay_s=0.3)
-    app = make_app(tmp_path, gen, queue={"max_jobs_per_user": 5})
-    app.pipeline.queue_limits["fake"] = 1
+    app = make_app(tmp_path, gen, queue={"max_jobs_per_user": 5}, queue_limits={"fake": 1})
     events = []
-    first = asyncio.create_task(app.pipeline.submit(JobRequest("imagine", "a", "one")))
+    first = asyncio.create_task(app.service.submit(job_request("imagine", "a", "one")))
     await asyncio.sleep(0.05)
-    second = asyncio.create_task(app.pipeline.submit(JobRequest("imagine", "b", "two"), on_event=events.append))
+    second = asyncio.create_task(app.service.submit(job_request("imagine", "b", "two"), on_event=events.append))
     await asyncio.sleep(0.05)
     queued = [e for e in events if e.state == "queued"]
     assert queued and queued[-1].position == 1
     job_id = queued[-1].job_id
-    assert app.pipeline.queue_position(job_id) == 1
-    assert await app.pipeline.cancel(job_id)
+    assert app.service.queue_position(job_id) == 1
+    assert await app.service.cancel(job_id)
     with pytest.raises(asyncio.CancelledError):
         await second
     assert app.jobs.get(job_id).status == "cancelled"
@@ -242,7 +239,7 @@ async def test_queued_job_reports_position_and_can_be_cancelled(tmp_path):
 async def test_running_job_times_out_and_is_refunded(tmp_path):
     gen = PreparedGenerator(script=[10.0])
     app = make_app(tmp_path, gen, generation={"job_timeout_s": 0.1})
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert out.status == "failed" and "longer than 0.1s" in out.error
     assert available(app) == usd_to_micros(1.0)
 
@@ -268,15 +265,15 @@ async def test_crash_mid_job_is_refunded_on_restart(tmp_path):
 async def test_variation_and_upscale_of_an_earlier_job(tmp_path):
     gen = PreparedGenerator()
     app = make_app(tmp_path, gen)
-    first = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --seed 1", size=(96, 64)))
-    var = await app.pipeline.submit(JobRequest("variation", "u1", seed=9, source_job_id=first.job.id))
+    first = await app.service.submit(job_request("imagine", "u1", "a fox --seed 1", size=(96, 64)))
+    var = await app.service.submit(job_request("variation", "u1", seed=9, source_job_id=first.job.id))
     assert var.ok and var.job.prompt == "a fox" and var.job.seed == 9
     assert var.job.source_job_id == first.job.id and var.job.strength == 0.6
     assert gen.calls[-1].source_image == open(first.image_path, "rb").read()
-    up = await app.pipeline.submit(JobRequest("upscale", "u1"))  # defaults to the user's last image
+    up = await app.service.submit(job_request("upscale", "u1"))  # defaults to the user's last image
     assert up.ok and (up.job.width, up.job.height) == (192, 128)
     assert up.job.source_job_id == var.job.id and gen.calls[-1].kind == "upscale"
-    missing = await app.pipeline.submit(JobRequest("variation", "u1", source_job_id=999))
+    missing = await app.service.submit(job_request("variation", "u1", source_job_id=999))
     assert missing.error_code == "usage" and "no job 999" in missing.error
 
 
@@ -284,11 +281,11 @@ async def test_edit_checks_uploads_before_spending(tmp_path):
     gen = PreparedGenerator()
     app = make_app(tmp_path, gen)
     image, mask = png_bytes(64, 64), png_bytes(32, 32)
-    out = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=b"<html>hi</html>"))
+    out = await app.service.submit(job_request("edit", "u1", "add a hat", image=b"<html>hi</html>"))
     assert out.error_code == "usage" and "HTML" in out.error
-    out = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=image, mask=mask))
+    out = await app.service.submit(job_request("edit", "u1", "add a hat", image=image, mask=mask))
     assert out.error_code == "usage" and "must match" in out.error
-    ok = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=image, mask=png_bytes(64, 64, 3)))
+    ok = await app.service.submit(job_request("edit", "u1", "add a hat", image=image, mask=png_bytes(64, 64, 3)))
     assert ok.ok and gen.calls[-1].mask_image is not None
     # the inputs are kept, so the edit can be made again
     assert app.blobs.get(ok.job.source_sha256) == gen.calls[-1].source_image
@@ -299,7 +296,7 @@ async def test_edit_checks_uploads_before_spending(tmp_path):
 async def test_daily_spend_cap_stops_paid_generation(tmp_path):
     gen = PreparedGenerator(provider="openai", price_usd=0.04)
     app = make_app(tmp_path, gen, budget={"daily_spend_cap_usd": 0.1}, queue={"max_jobs_per_user": 5})
-    outs = [await app.pipeline.submit(JobRequest("imagine", f"user{i}", "a fox")) for i in range(3)]
+    outs = [await app.service.submit(job_request("imagine", f"user{i}", "a fox")) for i in range(3)]
     assert [o.status for o in outs] == ["done", "done", "refused"]
     assert outs[2].error_code == "spend_cap" and "daily spending cap of $0.10" in outs[2].error
     assert available(app, "user2") == usd_to_micros(1.0)
@@ -309,7 +306,7 @@ async def test_daily_spend_cap_stops_paid_generation(tmp_path):
 async def test_local_generation_is_not_under_the_spend_cap(tmp_path):
     gen = PreparedGenerator(provider="local", price_usd=0.04)
     app = make_app(tmp_path, gen, budget={"daily_spend_cap_usd": 0.05})
-    outs = [await app.pipeline.submit(JobRequest("imagine", "u1", "a fox")) for _ in range(3)]
+    outs = [await app.service.submit(job_request("imagine", "u1", "a fox")) for _ in range(3)]
     assert all(o.ok for o in outs)
 
 
@@ -319,7 +316,7 @@ async def test_reservation_covers_the_dearest_fallback(tmp_path):
     dear = PreparedGenerator(provider="p2", model="dear", price_usd=0.05)
     app = make_app(tmp_path, cheap, dear, generation={"default_model": "cheap"},
                    routing={"fallbacks": {"cheap": "dear"}})
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox"))
     assert out.ok and out.job.model == "dear" and out.job.provider == "p2"
     assert out.job.estimate_micros == usd_to_micros(0.05) and out.job.cost_micros == usd_to_micros(0.05)
 
@@ -330,12 +327,12 @@ async def test_guild_cap_and_guild_default_model(tmp_path):
     cheap = PreparedGenerator(provider="p1", model="cheap", price_usd=0.01)
     dear = PreparedGenerator(provider="p2", model="dear", price_usd=0.3)
     app = make_app(tmp_path, cheap, dear, generation={"default_model": "cheap"})
-    app.pipeline.preferences.set_guild(GuildSettings("g1", default_model="dear", spend_cap_micros=usd_to_micros(0.5)))
-    first = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", guild_id="g1"))
+    app.preferences.set_guild(GuildSettings("g1", default_model="dear", spend_cap_micros=usd_to_micros(0.5)))
+    first = await app.service.submit(job_request("imagine", "u1", "a fox", guild_id="g1"))
     assert first.ok and first.job.model == "dear"
-    second = await app.pipeline.submit(JobRequest("imagine", "u2", "a fox", guild_id="g1"))
+    second = await app.service.submit(job_request("imagine", "u2", "a fox", guild_id="g1"))
     assert second.error_code == "spend_cap" and "spending cap of $0.50" in second.error
-    elsewhere = await app.pipeline.submit(JobRequest("imagine", "u2", "a fox", guild_id="g2"))
+    elsewhere = await app.service.submit(job_request("imagine", "u2", "a fox", guild_id="g2"))
     assert elsewhere.ok and elsewhere.job.model == "cheap"
     assert app.ledger.top_spenders(0, guild_id="g1") == [("u1", usd_to_micros(0.3))]
     assert app.ledger.spend_by_provider(0) == {"p2": usd_to_micros(0.3), "p1": usd_to_micros(0.01)}
@@ -347,11 +344,11 @@ async def test_an_alias_goes_to_the_cheapest_healthy_model(tmp_path):
     for gen in (dear, cheap):
         gen.aliases = ("flux",)
     app = make_app(tmp_path, dear, cheap)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --model flux"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox --model flux"))
     assert out.ok and out.job.model == "flux-b"
     for _ in range(3):  # p2 fails until its breaker opens
         app.router.breakers["p2"].record_failure()
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox --model flux"))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox --model flux"))
     assert out.ok and out.job.model == "flux-a"
 
 
@@ -359,14 +356,14 @@ async def test_without_a_model_named_a_capable_one_is_chosen(tmp_path):
     imagine_only = PreparedGenerator(provider="p1", model="painter", kinds=("imagine",))
     editor = PreparedGenerator(provider="p2", model="editor", price_usd=0.02)
     app = make_app(tmp_path, imagine_only, editor, generation={"default_model": "painter"})
-    out = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", image=png_bytes(64, 64)))
+    out = await app.service.submit(job_request("edit", "u1", "add a hat", image=png_bytes(64, 64)))
     assert out.ok and out.job.model == "editor"
-    refused = await app.pipeline.submit(JobRequest("edit", "u1", "add a hat", model="painter",
+    refused = await app.service.submit(job_request("edit", "u1", "add a hat", model="painter",
                                                    image=png_bytes(64, 64)))
     assert refused.error_code == "usage" and "painter cannot do edit" in refused.error
 
 
 async def test_options_a_model_does_not_have_are_refused(tmp_path):
     app = make_app(tmp_path)
-    out = await app.pipeline.submit(JobRequest("imagine", "u1", "a fox", options={"quality": "hd"}))
+    out = await app.service.submit(job_request("imagine", "u1", "a fox", options={"quality": "hd"}))
     assert out.error_code == "usage" and "fake-model has no option 'quality'" in out.error

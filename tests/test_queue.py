@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from bot.queue import FairQueue
+from bot.core.admission import FairQueue
 
 
 async def test_limit_and_round_robin_order():

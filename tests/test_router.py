@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from bot.router import CircuitBreaker, RetryPolicy, Router, UnknownModel
-from generators.base import GenerationRequest, GeneratorError, TransientGeneratorError
+from bot.core.routing import CircuitBreaker, RetryPolicy, Router, UnknownModel
+from bot.core.models import GeneratorError, TransientGeneratorError
 from tests.fakes.generators import PreparedGenerator
+from tests.helpers import generation_request
 
 
 class Clock:
@@ -21,7 +22,7 @@ async def no_sleep(_):
 
 
 def request(model, **kw):
-    return GenerationRequest(kind="imagine", model=model, prompt="a fox", width=64, height=64, seed=1, **kw)
+    return generation_request("imagine", model=model, prompt="a fox", seed=1, **kw)
 
 
 def make_router(*gens, clock=None, **kw):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from generators.base import (
+from bot.core.models import (
     GeneratedImage,
     GenerationRequest,
     GeneratorError,

@@ -6,19 +6,19 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass, replace
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-from generators.base import (
+from .models import (
     GeneratedImage,
     GenerationRequest,
-    Generator,
     GeneratorUnavailable,
     ModelSpec,
     ProgressCallback,
     TransientGeneratorError,
     UnsupportedRequest,
 )
+from .ports import Generator
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ class Router:
         while name is not None and name not in seen:
             seen.add(name)
             fallback = self.resolve(name)
-            moved = replace(request, model=fallback.spec.name)
+            moved = request.for_model(fallback.spec.name)
             try:
                 fallback.spec.check(moved)
                 out.append((fallback, moved))

@@ -7,9 +7,10 @@ so those are read as `--` too.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-MAX_SEED = 2**32 - 1
+from .models import MAX_SEED
 
 
 class FlagError(ValueError):
@@ -25,8 +26,11 @@ class ParsedPrompt:
     model: str | None = None
     steps: int | None = None
     guidance: float | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
 
 
+# Model options that may be set inline (`--quality hd`); each model declares the values it takes.
+OPTION_FLAGS = ("quality", "style")
 _FLAG = re.compile(r"(?:(?<=\s)|^)(?:--|\u2014|\u2013)([A-Za-z][\w-]*)(?=\s|$)")
 _NAMES = {
     "seed": "seed",
@@ -37,8 +41,11 @@ _NAMES = {
     "steps": "steps",
     "guidance": "guidance",
     "cfg": "guidance",
+    **{name: name for name in OPTION_FLAGS},
 }
-FLAG_HELP = "--seed N, --no TEXT, --ar W:H, --model NAME, --steps N, --guidance F"
+FLAG_HELP = "--seed N, --no TEXT, --ar W:H, --model NAME, --steps N, --guidance F, " + ", ".join(
+    f"--{name} VALUE" for name in OPTION_FLAGS
+)
 
 
 def parse_seed(text: str) -> int:
@@ -60,7 +67,7 @@ def parse_aspect(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _parse_value(name: str, text: str):
+def _parse_value(name: str, text: str) -> object:
     if name == "seed":
         return parse_seed(text)
     if name == "aspect":
@@ -80,6 +87,10 @@ def _parse_value(name: str, text: str):
     if name == "model":
         if not re.fullmatch(r"[\w./:-]{1,100}", text):
             raise FlagError(f"--model takes a model name, not {text!r}")
+        return text
+    if name in OPTION_FLAGS:
+        if not re.fullmatch(r"[\w.-]{1,40}", text):
+            raise FlagError(f"--{name} takes one word, not {text!r}")
         return text
     return text  # negative prompt: free text
 
@@ -106,7 +117,8 @@ def parse_flags(text: str) -> ParsedPrompt:
                 f"--{flag} takes one value, but got {raw!r}; put flags after the prompt"
             )
         values[name] = _parse_value(name, raw)
-    return ParsedPrompt(prompt=" ".join(prompt.split()), **values)  # type: ignore[arg-type]
+    options = {name: values.pop(name) for name in OPTION_FLAGS if name in values}
+    return ParsedPrompt(prompt=" ".join(prompt.split()), options=options, **values)  # type: ignore[arg-type]
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -1,0 +1,161 @@
+"""The composition root: the one place where settings become storage, generators, screens and
+the service. Tests and benchmarks pass `Overrides` for the seams they replace."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from bot.core.accounts import Accounts
+from bot.core.admission import Admission
+from bot.core.billing import Billing
+from bot.core.models import usd_to_micros
+from bot.core.planning import Planner
+from bot.core.policy import Policy
+from bot.core.ports import Clock, Generator, ImageScreen, PromptScreen
+from bot.core.recovery import recover, this_process
+from bot.core.results import Results
+from bot.core.routing import RetryPolicy, Router
+from bot.core.screening import Screening
+from bot.core.service import EaselService
+from generators.images import PillowCodec
+from storage.blobs import LocalBlobStore
+from storage.db import Database
+from storage.jobs import JobStore
+from storage.ledger import Ledger
+from storage.preferences import Preferences
+
+from .config import GENERATORS, ConfigError, Settings, queue_limits
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Seams for tests and benchmarks; None keeps what the settings say."""
+
+    generators: list[Generator] | None = None
+    image_screen: ImageScreen | None = None
+    prompt_screen: PromptScreen | None = None
+    queue_limits: Mapping[str, int] = field(default_factory=dict)  # provider -> slots
+    clock: Clock = field(default_factory=SystemClock)
+
+
+@dataclass
+class App:
+    settings: Settings
+    db: Database
+    ledger: Ledger
+    jobs: JobStore
+    blobs: LocalBlobStore
+    preferences: Preferences
+    router: Router
+    screening: Screening
+    service: EaselService
+    accounts: Accounts
+    results: Results
+    clock: Clock
+
+    def recover(self) -> list[int]:
+        """Fail and refund what a dead easel process left in flight (a start-up step)."""
+        return recover(self.jobs, self.ledger, self.db, self.clock, owner=self.service.owner)
+
+    async def close(self) -> None:
+        await self.router.close()
+        self.db.close()
+
+
+def build_generators(settings: Settings) -> list[Generator]:
+    """Every generator the settings enable, from the registry; none is imported otherwise."""
+    built: list[Generator] = []
+    for entry in GENERATORS:
+        kwargs = entry.section(settings).generator_kwargs(settings)
+        if kwargs is None:
+            continue
+        try:
+            built.append(entry.load()(**kwargs))
+        except ValueError as exc:  # an unknown model or price name in the settings
+            raise ConfigError(f"{settings.source or 'settings'}: 'generators.{entry.name}': {exc}") from None
+    return built
+
+
+def build_prompt_screen(settings: Settings) -> PromptScreen:
+    from moderation import DEFAULT_PROMPT_RULES, PromptRule, PromptScreen
+
+    rules = settings.moderation.prompt_rules
+    if rules is None:
+        return PromptScreen(DEFAULT_PROMPT_RULES)
+    return PromptScreen([PromptRule(name, tuple(r.terms), r.allow_in_nsfw_channels)
+                         for name, r in rules.items()])
+
+
+def build_image_screen(settings: Settings) -> ImageScreen:
+    from moderation import NoImageScreen, NudeNetScreen
+
+    mod = settings.moderation
+    if mod.image_classifier == "none":
+        return NoImageScreen()
+    return NudeNetScreen(threshold=mod.nsfw_threshold, nsfw_channel_policy=mod.nsfw_channels)
+
+
+def build_router(settings: Settings, generators: list[Generator]) -> Router:
+    r = settings.routing
+    return Router(
+        generators,
+        retry=RetryPolicy(attempts=r.retry_attempts, base_delay_s=r.retry_base_delay_s),
+        fallbacks=dict(r.fallbacks),
+        breaker_failures=r.breaker_failures,
+        breaker_cooldown_s=r.breaker_cooldown_s,
+    )
+
+
+def policy_from(settings: Settings) -> Policy:
+    gen, budget = settings.generation, settings.budget
+    return Policy(
+        default_model=gen.default_model,
+        max_prompt_chars=gen.max_prompt_chars,
+        default_strength=gen.default_strength,
+        upscale_factor=gen.upscale_factor,
+        job_timeout_s=gen.job_timeout_s,
+        max_upload_bytes=gen.max_upload_bytes,
+        max_upload_pixels=gen.max_upload_pixels,
+        max_requests_per_user=settings.queue.max_jobs_per_user,
+        blocked_outputs_are_paid=settings.moderation.blocked_outputs_are_paid,
+        daily_spend_cap_micros=usd_to_micros(budget.daily_spend_cap_usd),
+        budget_period=budget.period,
+    )
+
+
+def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
+    """Everything a front end needs, wired. Recovery is not run here: call `App.recover()`."""
+    policy = policy_from(settings)
+    clock = overrides.clock
+    db = Database(settings.path(settings.storage.database))
+    ledger = Ledger(db, usd_to_micros(settings.budget.default_allowance_usd))
+    jobs = JobStore(db)
+    blobs = LocalBlobStore(settings.path(settings.storage.images_dir), settings.storage.public_url)
+    preferences = Preferences(db)
+    generators = build_generators(settings) if overrides.generators is None else overrides.generators
+    router = build_router(settings, generators)
+    codec = PillowCodec()
+    screening = Screening(
+        overrides.prompt_screen or build_prompt_screen(settings),
+        overrides.image_screen or build_image_screen(settings),
+        codec,
+    )
+    service = EaselService(
+        policy=policy,
+        planner=Planner(policy, router, jobs, blobs, codec, preferences),
+        screening=screening,
+        billing=Billing(policy, router, db, ledger, jobs, preferences, clock),
+        admission=Admission({**queue_limits(settings), **overrides.queue_limits},
+                            policy.max_requests_per_user),
+        router=router, jobs=jobs, blobs=blobs, codec=codec, owner=this_process(),
+    )
+    accounts = Accounts(policy, ledger, jobs, preferences, router, clock)
+    return App(settings, db, ledger, jobs, blobs, preferences, router, screening, service,
+               accounts, Results(jobs, blobs, screening), clock)

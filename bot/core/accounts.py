@@ -1,0 +1,122 @@
+"""Accounts: balances, spend, preferences and the admins' budget tools, for every front end.
+Each method runs its storage work in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from .flags import FlagError, parse_aspect
+from .models import (
+    Balance,
+    ErrorCode,
+    GuildSettings,
+    JobRecord,
+    Refusal,
+    UserSettings,
+    period_start,
+)
+from .policy import Policy
+from .ports import Clock, JobStore, Ledger, Preferences
+from .routing import Router, UnknownModel
+
+# A preference given as one of these goes back to the default.
+CLEAR = ("default", "none", "")
+
+
+@dataclass(frozen=True)
+class Usage:
+    balance: Balance
+    spent_micros: int
+    period: str
+    recent: list[JobRecord]
+
+
+@dataclass(frozen=True)
+class Report:
+    period: str
+    top: list[tuple[str, int]]
+    by_provider: dict[str, int]
+    guild_cap_micros: int | None
+
+
+class Accounts:
+    def __init__(self, policy: Policy, ledger: Ledger, jobs: JobStore, preferences: Preferences,
+                 router: Router, clock: Clock):
+        self.policy, self.ledger, self.jobs = policy, ledger, jobs
+        self.preferences, self.router, self.clock = preferences, router, clock
+
+    def _since(self, period: str | None) -> tuple[str, float]:
+        period = period or self.policy.budget_period
+        return period, period_start(period, self.clock.time())
+
+    async def usage(self, user_id: str, period: str | None = None, recent: int = 5) -> Usage:
+        period, since = self._since(period)
+
+        def read() -> Usage:
+            return Usage(self.ledger.balance(user_id), self.ledger.spent_since(user_id, since),
+                         period, self.jobs.list(user_id=user_id, limit=recent))
+
+        return await asyncio.to_thread(read)
+
+    async def user_settings(self, user_id: str) -> UserSettings:
+        return await asyncio.to_thread(self.preferences.user, user_id)
+
+    async def change_settings(self, user_id: str, *, model: str | None = None,
+                              aspect: str | None = None, private: bool | None = None) -> UserSettings:
+        """Change what is given (a CLEAR word resets it); Refusal(USAGE) for a bad value."""
+        try:
+            if model is not None and model.lower() not in CLEAR:
+                model = self.router.resolve(model).spec.name
+            if aspect is not None and aspect.lower() not in CLEAR:
+                parse_aspect(aspect)
+        except (UnknownModel, FlagError) as exc:
+            raise Refusal(ErrorCode.USAGE, str(exc)) from None
+
+        def change() -> UserSettings:
+            current = self.preferences.user(user_id)
+            updated = UserSettings(user_id, _pick(model, current.model), _pick(aspect, current.aspect),
+                                   current.private if private is None else private)
+            if updated != current:
+                self.preferences.set_user(updated)
+            return updated
+
+        return await asyncio.to_thread(change)
+
+    async def set_balance(self, user_id: str, amount_micros: int, actor: str) -> Balance:
+        if amount_micros < 0:
+            raise Refusal(ErrorCode.USAGE, "a budget cannot be set below zero")
+        return await asyncio.to_thread(self.ledger.set_balance, user_id, amount_micros, actor)
+
+    async def grant(self, user_id: str, amount_micros: int, actor: str) -> Balance:
+        return await asyncio.to_thread(self.ledger.grant, user_id, amount_micros, actor)
+
+    async def reset(self, user_id: str, actor: str) -> Balance:
+        return await asyncio.to_thread(self.ledger.reset, user_id, actor)
+
+    async def report(self, guild_id: str | None, period: str | None = None) -> Report:
+        period, since = self._since(period)
+
+        def read() -> Report:
+            cap = self.preferences.guild(guild_id).spend_cap_micros if guild_id else None
+            return Report(period, self.ledger.top_spenders(since, guild_id=guild_id),
+                          self.ledger.spend_by_provider(since, guild_id=guild_id), cap)
+
+        return await asyncio.to_thread(read)
+
+    async def set_guild_cap(self, guild_id: str, cap_micros: int | None) -> GuildSettings:
+        """The guild's spending cap per budget period; None (or 0) removes it."""
+
+        def change() -> GuildSettings:
+            current = self.preferences.guild(guild_id)
+            updated = GuildSettings(current.guild_id, current.default_model, cap_micros or None)
+            self.preferences.set_guild(updated)
+            return updated
+
+        return await asyncio.to_thread(change)
+
+
+def _pick(new: str | None, old: str | None) -> str | None:
+    if new is None:
+        return old
+    return None if new.lower() in CLEAR else new

@@ -1,0 +1,23 @@
+"""The numbers the core runs by, taken from the settings once at start-up (no defaults here:
+the settings are their one source)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Policy:
+    default_model: str
+    max_prompt_chars: int
+    default_strength: float  # variations: how far from the source (0 keeps it, 1 ignores it)
+    upscale_factor: int
+    job_timeout_s: float
+    max_upload_bytes: int
+    max_upload_pixels: int
+    max_requests_per_user: int
+    blocked_outputs_are_paid: bool
+    daily_spend_cap_micros: int  # paid generation per UTC day; 0: no cap
+    budget_period: str  # day, week or month: what guild caps and reports count over
+    # Generators whose cost is not money spent with someone else (the daily cap does not apply).
+    unpaid_providers: frozenset[str] = frozenset({"local"})

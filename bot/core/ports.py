@@ -1,0 +1,163 @@
+"""What the core needs from the outside world, as small structural interfaces. `storage/`,
+`generators/` and `moderation/` implement them; tests use in-memory fakes. Every method here is
+synchronous and may block (disk, SQLite, CPU) unless it is `async`: the core calls blocking ones
+in a worker thread, never on the event loop."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from .models import (
+    Balance,
+    Caps,
+    GeneratedImage,
+    GenerationRequest,
+    GuildSettings,
+    JobRecord,
+    ModelSpec,
+    ProgressCallback,
+    StoredBlob,
+    UserSettings,
+    Verdict,
+)
+
+
+class UnitOfWork(Protocol):
+    def transaction(self) -> AbstractContextManager[Any]:
+        """Everything inside commits together or not at all (job store and ledger writes join)."""
+        ...
+
+
+class JobStore(Protocol):
+    def create(self, **values: Any) -> JobRecord: ...
+
+    def update(self, job_id: int, **values: Any) -> None:
+        """Change fields of a job (`params=` replaces its parameters); joins a transaction."""
+        ...
+
+    def get(self, job_id: int) -> JobRecord | None: ...
+
+    def by_message(self, message_id: str) -> JobRecord | None: ...
+
+    def latest_done(self, user_id: str) -> JobRecord | None: ...
+
+    def list(self, *, user_id: str | None = None, limit: int = 20) -> list[JobRecord]: ...
+
+    def unfinished(self) -> list[JobRecord]: ...
+
+
+class Ledger(Protocol):
+    def balance(self, user_id: str) -> Balance: ...
+
+    def reserve(self, user_id: str, job_id: int, amount_micros: int, caps: Caps,
+                provider: str | None = None) -> Balance:
+        """Hold the amount, or raise a BudgetRefusal and hold nothing."""
+        ...
+
+    def settle(self, job_id: int, actual_micros: int, provider: str | None = None) -> int: ...
+
+    def release(self, job_id: int) -> bool: ...
+
+    def held_job_ids(self) -> list[int]: ...
+
+    def set_balance(self, user_id: str, amount_micros: int, actor: str | None = None) -> Balance: ...
+
+    def grant(self, user_id: str, amount_micros: int, actor: str | None = None) -> Balance: ...
+
+    def reset(self, user_id: str, actor: str | None = None) -> Balance: ...
+
+    def spent_since(self, user_id: str, since: float) -> int: ...
+
+    def top_spenders(
+        self, since: float, limit: int = 10, guild_id: str | None = None
+    ) -> list[tuple[str, int]]: ...
+
+    def spend_by_provider(self, since: float, guild_id: str | None = None) -> dict[str, int]: ...
+
+
+class BlobStore(Protocol):
+    def put(self, data: bytes, ext: str = "png") -> StoredBlob: ...
+
+    def get(self, key: str, ext: str = "png") -> bytes: ...
+
+    def exists(self, key: str, ext: str = "png") -> bool: ...
+
+
+class Preferences(Protocol):
+    def user(self, user_id: str) -> UserSettings: ...
+
+    def set_user(self, settings: UserSettings) -> None: ...
+
+    def guild(self, guild_id: str) -> GuildSettings: ...
+
+    def set_guild(self, settings: GuildSettings) -> None: ...
+
+
+class DecodedImage(Protocol):
+    """A fully decoded, checked image; `image` is the codec's own object (a PIL image)."""
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def format(self) -> str: ...
+
+    @property
+    def image(self) -> Any: ...
+
+
+class ImageCodec(Protocol):
+    """Decoding and checking image bytes from outside; raises `rejected` with a reason."""
+
+    rejected: type[Exception]
+
+    def decode(
+        self, data: bytes, *, max_pixels: int | None = None, reject_blank: bool = False
+    ) -> DecodedImage: ...
+
+    def to_png(self, decoded: DecodedImage, mode: str | None = None) -> bytes:
+        """PNG bytes of the image, converted to `mode` ("RGB", "L") when given."""
+        ...
+
+
+class PromptScreen(Protocol):
+    def screen_prompt(self, text: str, *, nsfw_channel: bool = False) -> Verdict: ...
+
+
+class ImageScreen(Protocol):
+    def screen_image(self, image: Any, *, nsfw_channel: bool = False) -> Verdict: ...
+
+    def unavailable_reason(self) -> str | None: ...
+
+
+class Clock(Protocol):
+    def time(self) -> float:
+        """Seconds since the epoch (UTC)."""
+        ...
+
+
+class Generator(Protocol):
+    """A source of images. `generate` must not block the event loop."""
+
+    provider: str
+
+    def models(self) -> list[ModelSpec]: ...
+
+    def unavailable_reason(self) -> str | None:
+        """None when usable; otherwise why not (missing extra, key, files), for `easel check`."""
+        ...
+
+    def estimate_cost(self, request: GenerationRequest) -> float:
+        """An upper bound, in USD, reserved against the user's budget before the call."""
+        ...
+
+    async def generate(
+        self, request: GenerationRequest, progress: ProgressCallback | None = None
+    ) -> GeneratedImage: ...
+
+    async def close(self) -> None: ...
+

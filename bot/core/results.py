@@ -1,0 +1,32 @@
+"""Results as front ends show them: finding a job by id or by the message that shows it, its
+image bytes, where it was delivered, and whether a step preview may be shown."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .models import JobRecord
+from .ports import BlobStore, JobStore
+from .screening import Screening
+
+
+class Results:
+    def __init__(self, jobs: JobStore, blobs: BlobStore, screening: Screening):
+        self.jobs, self.blobs, self.screening = jobs, blobs, screening
+
+    async def job(self, job_id: int) -> JobRecord | None:
+        return await asyncio.to_thread(self.jobs.get, job_id)
+
+    async def for_message(self, message_id: str) -> JobRecord | None:
+        return await asyncio.to_thread(self.jobs.by_message, message_id)
+
+    async def image(self, job: JobRecord) -> bytes:
+        assert job.sha256 is not None, "only a finished job has an image"
+        return await asyncio.to_thread(self.blobs.get, job.sha256)
+
+    async def delivered(self, job_id: int, message_id: str | None) -> None:
+        """Record the message that shows the job (None: it was deleted)."""
+        await asyncio.to_thread(self.jobs.update, job_id, message_id=message_id)
+
+    async def preview_allowed(self, png: bytes, nsfw_channel: bool) -> bool:
+        return await asyncio.to_thread(self.screening.preview_allowed, png, nsfw_channel)

@@ -1,0 +1,70 @@
+"""Screening: the prompt and any upload before money is reserved, and every output (results
+and step previews) before anyone sees it. Image work runs in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .models import ErrorCode, GeneratedImage, GenerationRequest, JobRequest, JobStatus, Kind, Refusal
+from .ports import DecodedImage, ImageCodec, ImageScreen, PromptScreen
+
+# An output whose aspect ratio is further than this from the asked one was not made as asked.
+ASPECT_TOLERANCE = 0.03
+
+
+class Screening:
+    def __init__(self, prompts: PromptScreen, images: ImageScreen, codec: ImageCodec):
+        self.prompts, self.images, self.codec = prompts, images, codec
+
+    async def screen_request(self, request: JobRequest, gen: GenerationRequest) -> None:
+        """Raise a blocking Refusal if the prompt or an uploaded image may not be used."""
+        nsfw = request.requester.nsfw_channel
+        text = " ".join(filter(None, [gen.prompt, gen.negative_prompt]))
+        verdict = self.prompts.screen_prompt(text, nsfw_channel=nsfw)
+        if not verdict.allowed:
+            raise Refusal(ErrorCode.BLOCKED, verdict.reason or "blocked", JobStatus.BLOCKED)
+        if gen.kind in (Kind.EDIT, Kind.VARIATION) and request.image is not None:
+            assert gen.source_image is not None
+            image = await asyncio.to_thread(self.codec.decode, gen.source_image)
+            verdict = await asyncio.to_thread(self.images.screen_image, image.image, nsfw_channel=nsfw)
+            if not verdict.allowed:
+                raise Refusal(
+                    ErrorCode.BLOCKED, f"the uploaded image: {verdict.reason}", JobStatus.BLOCKED
+                )
+
+    async def validate(self, result: GeneratedImage, gen: GenerationRequest) -> DecodedImage:
+        """The decoded output; a failing Refusal when it is not a usable image of the size asked."""
+        try:
+            return await asyncio.to_thread(self._validate, result, gen)
+        except self.codec.rejected as exc:
+            raise Refusal(
+                ErrorCode.FAILED, f"{result.model} returned an unusable image: {exc}", JobStatus.FAILED
+            ) from None
+
+    async def output_blocked(self, checked: DecodedImage, nsfw_channel: bool) -> str | None:
+        """Why the image screen blocks an output, or None when it may be shown."""
+        verdict = await asyncio.to_thread(
+            self.images.screen_image, checked.image, nsfw_channel=nsfw_channel
+        )
+        return None if verdict.allowed else (verdict.reason or "blocked")
+
+    def preview_allowed(self, png: bytes, nsfw_channel: bool) -> bool:
+        """For a step preview (blocking: call it in a thread). Undecodable previews are not shown."""
+        try:
+            decoded = self.codec.decode(png)
+        except self.codec.rejected:
+            return False
+        return self.images.screen_image(decoded.image, nsfw_channel=nsfw_channel).allowed
+
+    def _validate(self, result: GeneratedImage, gen: GenerationRequest) -> DecodedImage:
+        checked = self.codec.decode(result.data, reject_blank=True)
+        if (checked.width, checked.height) != (result.width, result.height):
+            raise self.codec.rejected(
+                f"it is {checked.width}x{checked.height}, not the {result.width}x{result.height} reported"
+            )
+        want, got = gen.width / gen.height, checked.width / checked.height
+        if abs(got - want) / want > ASPECT_TOLERANCE:
+            raise self.codec.rejected(
+                f"it is {checked.width}x{checked.height}, not {gen.width}x{gen.height}"
+            )
+        return checked
