@@ -9,12 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+from .core.flags import OPTION_FLAGS
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BLOCKED, EXIT_OVER_BUDGET = 0, 1, 2, 3, 4
 DEFAULT_USER = "local"
 
 
 def _size(text: str):
-    from .flags import FlagError, parse_size
+    from .core.flags import FlagError, parse_size
 
     try:
         return parse_size(text)
@@ -23,7 +25,7 @@ def _size(text: str):
 
 
 def _seed(text: str) -> int:
-    from .flags import FlagError, parse_seed
+    from .core.flags import FlagError, parse_seed
 
     try:
         return parse_seed(text)
@@ -56,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--guidance", type=float, help="guidance scale")
         p.add_argument("--user", default=DEFAULT_USER, help=f"whose budget pays (default: {DEFAULT_USER})")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        for name in OPTION_FLAGS:  # model options (see `easel models`): quality, sampler, ...
+            p.add_argument(f"--{name}", help=f"{name}, for models that take it (see `easel models`)")
 
     p = sub.add_parser("imagine", help="make an image from a prompt (inline --seed/--no/--ar flags work too)")
     p.add_argument("prompt")
     p.add_argument("--negative", help="what to keep out of the image")
     p.add_argument("--size", type=_size, help="WxH, e.g. 512x512")
-    p.add_argument("--quality", help="for models that have it, e.g. dall-e-3: standard|hd")
-    p.add_argument("--style", help="for models that have it, e.g. dall-e-3: vivid|natural")
     job_options(p)
 
     p = sub.add_parser("variation", help="a variation of an earlier job's image")
@@ -126,9 +128,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _app(settings):
-    from .app import build_app
+    """The app as every command starts it: wired, then recovered from any crash."""
+    from .bootstrap import bootstrap
 
-    return build_app(settings)
+    app = bootstrap(settings)
+    app.recover()
+    return app
 
 
 def _read_file(path: Path | None) -> bytes | None:
@@ -146,24 +151,24 @@ def _fail(message: str, code: int) -> int:
 
 
 def _job_command(settings, args) -> int:
-    from .pipeline import JobRequest
+    from .core.models import GenerationParams, JobRequest, Kind, Requester
 
-    kind = args.command
-    request = JobRequest(
-        kind=kind,
-        user_id=args.user,
+    params = GenerationParams(
         prompt=getattr(args, "prompt", "") or "",
         negative_prompt=getattr(args, "negative", None),
         seed=getattr(args, "seed", None),
-        model=args.model,
         size=getattr(args, "size", None),
-        steps=getattr(args, "steps", None),
-        guidance=getattr(args, "guidance", None),
+        steps=args.steps if "steps" in args else None,
+        guidance=args.guidance if "guidance" in args else None,
         strength=getattr(args, "strength", None),
+        model=args.model,
+        options={k: v for k in OPTION_FLAGS if (v := getattr(args, k, None))},
+    )
+    request = JobRequest(
+        Kind(args.command), Requester(args.user), params,
         source_job_id=getattr(args, "job_id", None),
         image=_read_file(getattr(args, "image", None)),
         mask=_read_file(getattr(args, "mask", None)),
-        options={k: v for k in ("quality", "style") if (v := getattr(args, k, None))},
     )
     return asyncio.run(_run_job(settings, request, as_json=args.json))
 
@@ -172,7 +177,7 @@ async def _run_job(settings, request, *, as_json: bool) -> int:
     app = _app(settings)
     bar = None if as_json else ProgressBar(sys.stderr)
     try:
-        outcome = await app.pipeline.submit(request, on_event=bar.update if bar else None)
+        outcome = await app.service.submit(request, on_event=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
@@ -196,12 +201,13 @@ async def _run_job(settings, request, *, as_json: bool) -> int:
 
 
 def exit_status(outcome) -> int:
+    from .core.models import ErrorCode
+
     if outcome.ok:
         return EXIT_OK
-    return {"usage": EXIT_USAGE, "blocked": EXIT_BLOCKED, "over_budget": EXIT_OVER_BUDGET,
-            "spend_cap": EXIT_OVER_BUDGET}.get(
-        outcome.error_code or "", EXIT_FAILED
-    )
+    return {ErrorCode.USAGE: EXIT_USAGE, ErrorCode.NOT_FOUND: EXIT_USAGE,
+            ErrorCode.BLOCKED: EXIT_BLOCKED, ErrorCode.OVER_BUDGET: EXIT_OVER_BUDGET,
+            ErrorCode.SPEND_CAP: EXIT_OVER_BUDGET}.get(outcome.error_code, EXIT_FAILED)
 
 
 class ProgressBar:
@@ -236,15 +242,16 @@ class ProgressBar:
 
 
 def _jobs(settings, args) -> int:
-    from storage.db import Database
-    from storage.jobs import JobStore
+    async def read():
+        app = _app(settings)
+        try:
+            return await app.results.recent(args.user, args.limit)
+        finally:
+            await app.close()
 
-    db = Database(settings.path(settings.storage.database))
-    jobs = JobStore(db).list(user_id=args.user, limit=args.limit)
+    jobs = asyncio.run(read())
     if args.json:
-        from dataclasses import asdict
-
-        print(json.dumps([asdict(j) for j in jobs]))
+        print(json.dumps([_job_dict(j) for j in jobs]))
         return EXIT_OK
     for j in jobs:
         detail = j.image_url if j.status == "done" else (j.error or "")
@@ -254,43 +261,63 @@ def _jobs(settings, args) -> int:
     return EXIT_OK
 
 
-def _budget(settings, args) -> int:
-    from storage.db import Database
-    from storage.ledger import Ledger, usd_to_micros
+def _job_dict(job) -> dict:
+    """A job as JSON: its fields, with the parameters flat beside them."""
+    from dataclasses import asdict
 
-    ledger = Ledger(Database(settings.path(settings.storage.database)),
-                    usd_to_micros(settings.budget.default_allowance_usd))
-    if args.action != "show":
-        if args.amount is None:
-            return _fail(f"budget {args.action} needs an amount in USD", EXIT_USAGE)
-        if args.action == "set" and args.amount < 0:
-            return _fail("a budget cannot be set below zero", EXIT_USAGE)
-        change = ledger.set_balance if args.action == "set" else ledger.grant
-        change(args.user, usd_to_micros(args.amount), actor=f"cli:{os.environ.get('USER', '?')}")
-    b = ledger.balance(args.user)
+    data = asdict(job)
+    params = data.pop("params")
+    width, height = params.pop("size") or (None, None)
+    return {**data, **params, "width": width, "height": height}
+
+
+def _budget(settings, args) -> int:
+    from .core.models import Refusal, usd_to_micros
+
+    actor = f"cli:{os.environ.get('USER', '?')}"
+
+    async def act():
+        app = _app(settings)
+        try:
+            if args.action == "set":
+                return await app.accounts.set_balance(args.user, usd_to_micros(args.amount), actor)
+            if args.action == "grant":
+                return await app.accounts.grant(args.user, usd_to_micros(args.amount), actor)
+            return (await app.accounts.usage(args.user)).balance
+        finally:
+            await app.close()
+
+    if args.action != "show" and args.amount is None:
+        return _fail(f"budget {args.action} needs an amount in USD", EXIT_USAGE)
+    try:
+        b = asyncio.run(act())
+    except Refusal as exc:
+        return _fail(str(exc), EXIT_USAGE)
     print(f"{args.user}: balance ${b.balance_micros / 1e6:.4f}, held for running jobs "
           f"${b.reserved_micros / 1e6:.4f}, available ${b.available_micros / 1e6:.4f}")
     return EXIT_OK
 
 
 def _models(settings, args) -> int:
-    from .app import build_generators, build_router
+    from .bootstrap import build_generators, build_router
+    from .core.models import KINDS
 
     router = build_router(settings, build_generators(settings))
     for spec in sorted(router.models(), key=lambda s: (s.provider, s.name)):
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
-        kinds = ", ".join(k for k in ("imagine", "variation", "edit", "upscale") if k in spec.kinds)
+        kinds = ", ".join(k for k in KINDS if k in spec.kinds)
         seed = "seeded" if spec.honours_seed else "no seed"
+        options = "".join(f"; {k}: {'|'.join(v)}" for k, v in spec.options.items())
         default = "  [default]" if spec.name == settings.generation.default_model else ""
-        print(f"{spec.name:<24} {spec.provider:<10} {kinds}; {seed}{aliases}{default}")
+        print(f"{spec.name:<24} {spec.provider:<10} {kinds}; {seed}{options}{aliases}{default}")
     for provider, reason in router.unavailable().items():
         print(f"{provider}: unavailable: {reason}")
     return EXIT_OK
 
 
 def _check(settings, args) -> int:
-    from .app import build_generators, build_image_screen, build_router
-    from .router import UnknownModel
+    from .bootstrap import build_generators, build_image_screen, build_router
+    from .core.routing import UnknownModel
 
     print(f"settings: {settings.source or 'built-in defaults'} (valid)")
     db_path = settings.path(settings.storage.database)

@@ -47,7 +47,7 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # owner/name, as on the Hugging Face hub; anything else is taken for a local path.
 _HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
-VARIATION_STRENGTH = 0.6
+# A variation's strength always comes with the request (the settings hold its default).
 EDIT_STRENGTH = 0.75  # an edit without a mask redraws the whole image from the prompt
 INPAINT_STRENGTH = 1.0  # with a mask, the masked area is drawn afresh
 MAX_STEPS = 200  # as bot/config.py allows
@@ -56,6 +56,19 @@ UPSCALE_FACTORS = (2, 3, 4)
 MAX_UPSCALED_SIDE = 4096
 PREVIEW_SIDE = 128
 LANCZOS_NOTE = "upscaled by Lanczos resampling; no upscaler model is configured"
+# Samplers a request may choose (`--sampler`): diffusers scheduler classes, made from the model's
+# own scheduler config. "default" keeps the scheduler the model was saved with.
+SAMPLERS = {
+    "default": None,
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
 
 # Cost estimate (an upper bound): FIXED_ALLOWANCE_S + ESTIMATE_MARGIN x rate x megapixels x steps
 # x (2 with classifier-free guidance, which runs the UNet twice). The rate, in seconds per
@@ -131,6 +144,7 @@ class DiffusersGenerator:
         )
         # Touched only in the worker thread.
         self._pipelines: dict[tuple[str, str], Any] = {}
+        self._schedulers: dict[str, Any] = {}  # model -> the scheduler it was loaded with
         self._device: str | None = None
         self._torch_dtype: Any = None
         # Read by estimate_cost on the event loop, written by the worker (dict stores are atomic).
@@ -161,6 +175,7 @@ class DiffusersGenerator:
                     max_side=2048,
                     default_size=self._default_size(source),
                     description="runs on this machine (diffusers)",
+                    options={"sampler": tuple(SAMPLERS)},
                 )
                 for name, source in self._sources.items()
             ]
@@ -364,6 +379,8 @@ class DiffusersGenerator:
         if request.negative_prompt:
             args["negative_prompt"] = request.negative_prompt
         source = mask = None
+        sampler = request.options.get("sampler", "default")
+        text["sampler"] = sampler
         if request.kind == "imagine":
             pipe = self._pipeline(request.model, "imagine")
             args.update(width=w, height=h)
@@ -378,8 +395,7 @@ class DiffusersGenerator:
                 pipe = self._pipeline(request.model, "inpaint")
                 args.update(image=source, mask_image=mask, width=w, height=h)
             else:
-                default = VARIATION_STRENGTH if request.kind == "variation" else EDIT_STRENGTH
-                strength = request.strength or default
+                strength = request.strength or EDIT_STRENGTH
                 pipe = self._pipeline(request.model, "img2img")
                 args.update(image=source)
             # The pipeline runs only int(num_inference_steps * strength) steps; ask for enough
@@ -387,6 +403,7 @@ class DiffusersGenerator:
             args["num_inference_steps"] = _steps_for_strength(steps, strength)
             args["strength"] = strength
             text["strength"] = f"{strength:g}"
+        self._use_sampler(pipe, request.model, sampler)
         args["generator"] = torch.Generator(self._generator_device()).manual_seed(request.seed)
 
         started = time.perf_counter()
@@ -459,6 +476,16 @@ class DiffusersGenerator:
         if made != size:
             note += f" to {made[0]}x{made[1]}, then resampled (Lanczos) to {size[0]}x{size[1]}"
         return image, text, note, seconds
+
+    def _use_sampler(self, pipe: Any, model: str, sampler: str) -> None:
+        """Set the scheduler for this call. Every call sets it, since the pipelines of one model
+        share components and a previous call may have chosen another."""
+        import diffusers
+
+        original = self._schedulers.setdefault(model, pipe.scheduler)
+        name = SAMPLERS[sampler]
+        pipe.scheduler = original if name is None else \
+            getattr(diffusers, name).from_config(original.config)
 
     def _pipeline(self, name: str, task: str) -> Any:
         """The pipeline for `task` (imagine, img2img, inpaint, upscale), loaded on first use."""
@@ -573,6 +600,7 @@ class DiffusersGenerator:
 
     def _release(self) -> None:
         self._pipelines.clear()
+        self._schedulers.clear()
         if "torch" in sys.modules:
             import torch
 

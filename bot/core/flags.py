@@ -30,7 +30,7 @@ class ParsedPrompt:
 
 
 # Model options that may be set inline (`--quality hd`); each model declares the values it takes.
-OPTION_FLAGS = ("quality", "style")
+OPTION_FLAGS = ("quality", "style", "sampler")
 _FLAG = re.compile(r"(?:(?<=\s)|^)(?:--|\u2014|\u2013)([A-Za-z][\w-]*)(?=\s|$)")
 _NAMES = {
     "seed": "seed",

@@ -30,3 +30,6 @@ class Results:
 
     async def preview_allowed(self, png: bytes, nsfw_channel: bool) -> bool:
         return await asyncio.to_thread(self.screening.preview_allowed, png, nsfw_channel)
+
+    async def recent(self, user_id: str | None = None, limit: int = 20) -> list[JobRecord]:
+        return await asyncio.to_thread(lambda: self.jobs.list(user_id=user_id, limit=limit))
