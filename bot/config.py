@@ -1,231 +1,345 @@
-"""Settings: one TOML file, validated at start-up into typed dataclasses.
+"""Settings: one TOML file and `EASEL_*` environment variables, validated at start-up into frozen
+pydantic models.
 
 Where the file comes from: `--config PATH`, else `$EASEL_CONFIG`, else `./easel.toml`, else the
-built-in defaults. Relative paths in the file are relative to the file's folder (to the current
-folder when there is no file). An unknown key, a wrong type or an impossible value raises
-ConfigError with one line that names the key and the file.
+built-in defaults. Any key can also be set by an environment variable `EASEL_<SECTION>__<KEY>`
+(`EASEL_SERVER__PORT=9000`, `EASEL_GENERATORS__OPENAI__TIMEOUT_S=30`; lists and tables as JSON),
+which wins over the file. Values passed to `settings_from_dict` win over both. Relative paths
+are relative to the file's folder (to the current folder when there is no file). An unknown
+key, a wrong type or an impossible value raises ConfigError with one line that names the key
+(or the variable) and the file (or "environment").
 
-Secrets are never in the file: it names the environment variable that holds each one.
+Secrets are never settings: the file names the environment variable that holds each one, and it
+is read only when asked for (`api_key()`, `token()`), so it is in no repr and no error.
+
+GENERATORS is the one list of generators: their `[generators.<name>]` tables, their classes
+(imported only when built), their constructor arguments (`generator_kwargs`) and their queue
+limits (`queue_limits`) all come from it.
 """
 from __future__ import annotations
 
 import difflib
-import math
+import importlib
+import json
 import os
+import re
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Callable, Mapping, NamedTuple
+
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+)
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class ConfigError(Exception):
     """A bad setting; the message is one line that names the key and the file."""
 
 
-class _Invalid(ValueError):
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
+# --- value types and rules --------------------------------------------------------------------
+# Strict: a TOML string is never read as a number, nor true as 1. Numbers accept integers.
+
+Int = StrictInt
+Str = StrictStr
+Bool = StrictBool
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+Strings = tuple[StrictStr, ...]  # a TOML list of strings, kept immutable
+
+_RULE = "easel_rule"
 
 
-def _check(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise _Invalid(key, message)
+def _rule(ok: Callable[[Any], bool], message: str) -> AfterValidator:
+    """A check on an already well-typed value; `message` follows the key: "'server.port' <message>"."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise PydanticCustomError(_RULE, message)
+        return value
+
+    return AfterValidator(check)
 
 
-@dataclass
-class StorageSettings:
-    database: str = "data/easel.db"
-    images_dir: str = "data/images"
+def _one_of(*choices: str, message: str) -> AfterValidator:
+    return _rule(lambda v: v in choices, message)
+
+
+_POSITIVE = _rule(lambda v: v > 0, "must be positive")
+_NOT_NEGATIVE = _rule(lambda v: v >= 0, "cannot be negative")
+_AT_LEAST_1 = _rule(lambda v: v >= 1, "must be at least 1")
+_HTTP = ("http://", "https://")
+
+EnvName = Annotated[Str, _rule(lambda v: bool(v.strip()), "must name an environment variable")]
+Seconds = Annotated[Number, _POSITIVE]
+Concurrency = Annotated[Int, _AT_LEAST_1]
+
+
+class _Section(BaseModel):
+    """A `[section]` table: frozen once loaded; a key it does not know is an error."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+class StorageSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    database: Str = "data/easel.db"
+    images_dir: Str = "data/images"
     # The address at which `easel serve` (or `easel run`) is reachable; image URLs are built on it.
-    public_url: str = "http://127.0.0.1:8080"
-
-    def validate(self) -> None:
-        _check(self.public_url.startswith(("http://", "https://")), "public_url", "must start with http:// or https://")
-
-
-@dataclass
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8080
-
-    def validate(self) -> None:
-        _check(0 < self.port < 65536, "port", "must be 1-65535")
+    public_url: Annotated[Str, _rule(lambda v: v.startswith(_HTTP), "must start with http:// or https://")] = (
+        "http://127.0.0.1:8080"
+    )
 
 
-@dataclass
-class GenerationSettings:
-    default_model: str = "tiny"
-    max_prompt_chars: int = 2000
-    default_strength: float = 0.6  # variations: how far from the source (0 keeps it, 1 ignores it)
-    upscale_factor: int = 2
-    job_timeout_s: float = 600.0
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_upload_pixels: int = 40_000_000
+class ServerSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def validate(self) -> None:
-        _check(1 <= self.max_prompt_chars <= 100_000, "max_prompt_chars", "must be 1-100000")
-        _check(0.0 < self.default_strength <= 1.0, "default_strength", "must be in (0, 1]")
-        _check(self.upscale_factor in (2, 4), "upscale_factor", "must be 2 or 4")
-        _check(self.job_timeout_s > 0, "job_timeout_s", "must be positive")
-        _check(self.max_upload_bytes > 0 and self.max_upload_pixels > 0, "max_upload_bytes",
-               "and max_upload_pixels must be positive")
+    host: Str = "127.0.0.1"
+    port: Annotated[Int, _rule(lambda v: 0 < v < 65536, "must be 1-65535")] = 8080
 
 
-@dataclass
-class QueueSettings:
-    max_jobs_per_user: int = 2  # queued or running; more are refused, not queued forever
+class GenerationSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def validate(self) -> None:
-        _check(self.max_jobs_per_user >= 1, "max_jobs_per_user", "must be at least 1")
+    default_model: Str = "tiny"
+    max_prompt_chars: Annotated[Int, _rule(lambda v: 1 <= v <= 100_000, "must be 1-100000")] = 2000
+    # Variations: how far from the source (0 keeps it, 1 ignores it). The one default for it.
+    default_strength: Annotated[Number, _rule(lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")] = 0.6
+    upscale_factor: Annotated[Int, _rule(lambda v: v in (2, 4), "must be 2 or 4")] = 2
+    job_timeout_s: Seconds = 600.0
+    max_upload_bytes: Annotated[Int, _POSITIVE] = 20 * 1024 * 1024
+    max_upload_pixels: Annotated[Int, _POSITIVE] = 40_000_000
 
 
-@dataclass
-class BudgetSettings:
-    default_allowance_usd: float = 1.0  # what a new user's balance starts at
+class QueueSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_jobs_per_user: Annotated[Int, _AT_LEAST_1] = 2  # queued or running; more are refused
+
+
+class BudgetSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    default_allowance_usd: Annotated[Number, _NOT_NEGATIVE] = 1.0  # what a new user's balance starts at
     # Stops all paid (cloud) generation once this much was spent today (UTC); 0 = no cap.
-    daily_spend_cap_usd: float = 0.0
+    daily_spend_cap_usd: Annotated[Number, _NOT_NEGATIVE] = 0.0
     # The period that spend reports and guild caps count over: day, week or month (UTC).
-    period: str = "month"
-
-    def validate(self) -> None:
-        _check(self.default_allowance_usd >= 0, "default_allowance_usd", "cannot be negative")
-        _check(self.daily_spend_cap_usd >= 0, "daily_spend_cap_usd", "cannot be negative")
-        _check(self.period in ("day", "week", "month"), "period", "must be day, week or month")
+    period: Annotated[Str, _one_of("day", "week", "month", message="must be day, week or month")] = "month"
 
 
-@dataclass
-class PromptRuleSettings:
-    terms: list[str] = field(default_factory=list)
-    allow_in_nsfw_channels: bool = False
+class PromptRuleSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    terms: Strings = ()
+    allow_in_nsfw_channels: Bool = False
 
 
-@dataclass
-class ModerationSettings:
-    image_classifier: str = "nudenet"  # "nudenet", or "none" to turn image screening off
-    nsfw_threshold: float = 0.5
-    nsfw_channels: str = "allow"  # age-restricted channels: "allow" nudity there, or "block" everywhere
-    blocked_outputs_are_paid: bool = False
+class ModerationSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # "nudenet", or "none" to turn image screening off
+    image_classifier: Annotated[Str, _one_of("nudenet", "none", message='must be "nudenet" or "none"')] = "nudenet"
+    nsfw_threshold: Annotated[Number, _rule(lambda v: 0.0 < v < 1.0, "must be between 0 and 1")] = 0.5
+    # age-restricted channels: "allow" nudity there, or "block" everywhere
+    nsfw_channels: Annotated[Str, _one_of("allow", "block", message='must be "allow" or "block"')] = "allow"
+    blocked_outputs_are_paid: Bool = False
     # None: the built-in rules (moderation.DEFAULT_PROMPT_RULES). A table replaces them.
-    prompt_rules: dict[str, PromptRuleSettings] | None = None
-
-    def validate(self) -> None:
-        _check(self.image_classifier in ("nudenet", "none"), "image_classifier", 'must be "nudenet" or "none"')
-        _check(0.0 < self.nsfw_threshold < 1.0, "nsfw_threshold", "must be between 0 and 1")
-        _check(self.nsfw_channels in ("allow", "block"), "nsfw_channels", 'must be "allow" or "block"')
+    prompt_rules: dict[Str, PromptRuleSettings] | None = None
 
 
-@dataclass
-class LocalGeneratorSettings:
-    enabled: bool = True
+# --- generators -------------------------------------------------------------------------------
+
+
+class LocalGeneratorSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: Bool = True
     # name -> source: "tiny" (a small random-weight model built offline), a folder, or a hub id.
-    models: dict[str, str] = field(default_factory=lambda: {"tiny": "tiny"})
-    device: str = "auto"  # auto, cuda, mps, cpu
-    dtype: str = "auto"  # auto, float16, bfloat16, float32
-    steps: int = 4
-    guidance: float = 0.0
-    max_concurrent: int = 1
-    price_per_second_usd: float = 0.001  # what a second of this machine's time costs a user
-    upscaler: str = ""  # a diffusers upscaler folder or id; empty: Lanczos resampling, labelled
+    models: Annotated[dict[Str, Str], _rule(bool, "cannot be empty")] = Field(
+        default_factory=lambda: {"tiny": "tiny"})
+    device: Annotated[Str, _one_of("auto", "cuda", "mps", "cpu", message="must be auto, cuda, mps or cpu")] = "auto"
+    dtype: Annotated[Str, _one_of("auto", "float16", "bfloat16", "float32",
+                                  message="must be auto, float16, bfloat16 or float32")] = "auto"
+    steps: Annotated[Int, _rule(lambda v: 1 <= v <= 200, "must be 1-200")] = 4
+    guidance: Number = 0.0
+    max_concurrent: Concurrency = 1
+    price_per_second_usd: Annotated[Number, _NOT_NEGATIVE] = 0.001  # what a second of this machine costs a user
+    upscaler: Str = ""  # a diffusers upscaler folder or id; empty: Lanczos resampling, labelled
 
-    def validate(self) -> None:
-        _check(bool(self.models), "models", "cannot be empty")
-        _check(self.device in ("auto", "cuda", "mps", "cpu"), "device", "must be auto, cuda, mps or cpu")
-        _check(self.dtype in ("auto", "float16", "bfloat16", "float32"), "dtype",
-               "must be auto, float16, bfloat16 or float32")
-        _check(1 <= self.steps <= 200, "steps", "must be 1-200")
-        _check(self.max_concurrent >= 1, "max_concurrent", "must be at least 1")
-        _check(self.price_per_second_usd >= 0, "price_per_second_usd", "cannot be negative")
+    def generator_kwargs(self, settings: Settings) -> dict[str, Any] | None:
+        """Keyword arguments for DiffusersGenerator, or None when it is disabled."""
+        if not self.enabled:
+            return None
+        return {
+            "models": dict(self.models),
+            "data_dir": settings.path(settings.storage.images_dir).parent,
+            "device": self.device,
+            "dtype": self.dtype,
+            "default_steps": self.steps,
+            "default_guidance": self.guidance,
+            "price_per_second_usd": self.price_per_second_usd,
+            "upscaler": self.upscaler or None,
+        }
 
 
-def _cloud(api_key_env: str, timeout_s: float, max_concurrent: int):
-    return lambda: CloudGeneratorSettings(api_key_env=api_key_env, timeout_s=timeout_s,
-                                          max_concurrent=max_concurrent)
+class CloudGeneratorSettings(_Section):
+    """What every cloud provider's table holds; each provider subclasses it with its defaults."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-@dataclass
-class CloudGeneratorSettings:
     # Used as soon as the environment variable `api_key_env` is set, unless enabled = false.
-    enabled: bool = True
-    api_key_env: str = ""
+    enabled: Bool = True
+    api_key_env: EnvName = ""
     # Empty: the SDK's own default, which honours OPENAI_BASE_URL / REPLICATE_BASE_URL.
-    base_url: str = ""
-    timeout_s: float = 120.0
-    max_concurrent: int = 4
+    base_url: Annotated[Str, _rule(lambda v: not v or v.startswith(_HTTP),
+                                   "must start with http:// or https://")] = ""
+    timeout_s: Seconds = 120.0
+    max_concurrent: Concurrency = 4
     # Empty: every model the provider offers here; else only these (names or aliases).
-    models: list[str] = field(default_factory=list)
+    models: Strings = ()
     # USD, overriding easel's built-in table of public prices (see `easel models`).
-    prices: dict[str, float] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        _check(bool(self.api_key_env.strip()), "api_key_env", "must name an environment variable")
-        _check(not self.base_url or self.base_url.startswith(("http://", "https://")), "base_url",
-               "must start with http:// or https://")
-        _check(self.timeout_s > 0, "timeout_s", "must be positive")
-        _check(self.max_concurrent >= 1, "max_concurrent", "must be at least 1")
+    prices: dict[Str, Number] = Field(default_factory=dict)
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) or None
 
+    def generator_kwargs(self, settings: Settings) -> dict[str, Any] | None:
+        """Keyword arguments for the provider's generator (the key included), or None when it is
+        disabled or its key is not set: a cloud generator is available as soon as its key is."""
+        key = self.api_key()
+        if not self.enabled or key is None:
+            return None
+        return {
+            "api_key": key,
+            "base_url": self.base_url or None,
+            "timeout_s": self.timeout_s,
+            "prices": dict(self.prices) or None,
+            "enabled_models": list(self.models) or None,
+        }
 
-@dataclass
-class GeneratorsSettings:
-    local: LocalGeneratorSettings = field(default_factory=LocalGeneratorSettings)
-    openai: CloudGeneratorSettings = field(default_factory=_cloud("OPENAI_API_KEY", 180.0, 4))
-    replicate: CloudGeneratorSettings = field(default_factory=_cloud("REPLICATE_API_TOKEN", 120.0, 4))
-    together: CloudGeneratorSettings = field(default_factory=_cloud("TOGETHER_API_KEY", 60.0, 4))
+
+class OpenAISettings(CloudGeneratorSettings):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key_env: EnvName = "OPENAI_API_KEY"
+    timeout_s: Seconds = 180.0
 
 
-@dataclass
-class RoutingSettings:
+class ReplicateSettings(CloudGeneratorSettings):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key_env: EnvName = "REPLICATE_API_TOKEN"
+    timeout_s: Seconds = 120.0
+
+
+class TogetherSettings(CloudGeneratorSettings):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key_env: EnvName = "TOGETHER_API_KEY"
+    timeout_s: Seconds = 60.0
+
+
+@dataclass(frozen=True)
+class GeneratorEntry:
+    """One generator: its `[generators.<name>]` table (and provider name), its class as
+    "module:Class" (imported only when built) and the class of its settings section."""
+
+    name: str
+    target: str
+    settings_class: type[BaseModel]
+
+    def section(self, settings: Settings) -> Any:
+        """settings.generators.<name>"""
+        return getattr(settings.generators, self.name)
+
+    def load(self) -> type:
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+# The one list of generators. Adding a provider: its module, its settings class and a line here
+# (and its table in config.example.toml).
+GENERATORS: tuple[GeneratorEntry, ...] = (
+    GeneratorEntry("local", "generators.local:DiffusersGenerator", LocalGeneratorSettings),
+    GeneratorEntry("openai", "generators.openai_images:OpenAIImages", OpenAISettings),
+    GeneratorEntry("replicate", "generators.replicate_flux:ReplicateFlux", ReplicateSettings),
+    GeneratorEntry("together", "generators.together_flux:TogetherFlux", TogetherSettings),
+)
+
+# [generators]: one field per registry entry, each defaulting to its section's defaults.
+GeneratorsSettings = create_model(
+    "GeneratorsSettings",
+    __base__=_Section,
+    __module__=__name__,
+    __doc__="The [generators.*] tables, one per entry of GENERATORS.",
+    **{e.name: (e.settings_class, Field(default_factory=e.settings_class)) for e in GENERATORS},
+)
+
+
+def queue_limits(settings: Settings) -> dict[str, int]:
+    """Provider name -> jobs it runs at once (its section's max_concurrent)."""
+    return {e.name: e.section(settings).max_concurrent for e in GENERATORS}
+
+
+# --- the rest ---------------------------------------------------------------------------------
+
+
+class RoutingSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     # model -> the model that serves instead while it fails (same request kinds), e.g.
     # "flux-schnell" = "together/flux-schnell".
-    fallbacks: dict[str, str] = field(default_factory=dict)
+    fallbacks: dict[Str, Str] = Field(default_factory=dict)
     # Attempts per model for transient failures (timeouts, 429, 5xx), with backoff and jitter.
-    retry_attempts: int = 3
-    retry_base_delay_s: float = 1.0
+    retry_attempts: Annotated[Int, _rule(lambda v: 1 <= v <= 10, "must be 1-10")] = 3
+    retry_base_delay_s: Annotated[Number, _NOT_NEGATIVE] = 1.0
     # After this many failed jobs in a row a provider is taken out of rotation for cooldown_s.
-    breaker_failures: int = 3
-    breaker_cooldown_s: float = 60.0
-
-    def validate(self) -> None:
-        _check(1 <= self.retry_attempts <= 10, "retry_attempts", "must be 1-10")
-        _check(self.retry_base_delay_s >= 0, "retry_base_delay_s", "cannot be negative")
-        _check(self.breaker_failures >= 1, "breaker_failures", "must be at least 1")
-        _check(self.breaker_cooldown_s > 0, "breaker_cooldown_s", "must be positive")
+    breaker_failures: Annotated[Int, _AT_LEAST_1] = 3
+    breaker_cooldown_s: Seconds = 60.0
 
 
-@dataclass
-class DiscordSettings:
+_URL = _rule(lambda v: not v or v.startswith(("http://", "https://", "ws://", "wss://")), "must be a URL")
+
+
+class DiscordSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     # The environment variable that holds the bot token.
-    token_env: str = "DISCORD_TOKEN"
+    token_env: EnvName = "DISCORD_TOKEN"
     # Discord-compatible REST base and gateway (for REST/gateway proxies); the environment
     # variables DISCORD_API_BASE and DISCORD_GATEWAY_URL win over these. Empty: Discord itself.
-    api_base: str = ""
-    gateway_url: str = ""
+    api_base: Annotated[Str, _URL] = ""
+    gateway_url: Annotated[Str, _URL] = ""
     # Guild ids to sync commands to at once (handy while testing); empty: global commands.
-    sync_guilds: list[str] = field(default_factory=list)
+    sync_guilds: Annotated[Strings, _rule(lambda v: all(g.isdigit() for g in v),
+                                          "must be guild ids (digits)")] = ()
     # Role names or ids whose members may run /budget; empty: members with Manage Server.
-    admin_roles: list[str] = field(default_factory=list)
+    admin_roles: Strings = ()
     # Least seconds between two progress edits of one message (Discord rate limits).
-    progress_interval_s: float = 2.0
+    progress_interval_s: Annotated[Number, _rule(lambda v: v >= 1.0, "must be at least 1")] = 2.0
     # Most images one /imagine may ask for.
-    max_count: int = 4
+    max_count: Annotated[Int, _rule(lambda v: 1 <= v <= 4, "must be 1-4")] = 4
     # On shutdown, how long running jobs get to finish before they are cancelled and refunded.
-    shutdown_grace_s: float = 30.0
-
-    def validate(self) -> None:
-        _check(bool(self.token_env.strip()), "token_env", "must name an environment variable")
-        for key in ("api_base", "gateway_url"):
-            value = getattr(self, key)
-            _check(not value or value.startswith(("http://", "https://", "ws://", "wss://")), key,
-                   "must be a URL")
-        _check(all(g.isdigit() for g in self.sync_guilds), "sync_guilds", "must be guild ids (digits)")
-        _check(self.progress_interval_s >= 1.0, "progress_interval_s", "must be at least 1")
-        _check(1 <= self.max_count <= 4, "max_count", "must be 1-4")
-        _check(self.shutdown_grace_s >= 0, "shutdown_grace_s", "cannot be negative")
+    shutdown_grace_s: Annotated[Number, _NOT_NEGATIVE] = 30.0
 
     def token(self) -> str | None:
         return os.environ.get(self.token_env) or None
@@ -237,24 +351,79 @@ class DiscordSettings:
         return os.environ.get("DISCORD_GATEWAY_URL") or self.gateway_url or None
 
 
-@dataclass
-class Settings:
-    storage: StorageSettings = field(default_factory=StorageSettings)
-    server: ServerSettings = field(default_factory=ServerSettings)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    queue: QueueSettings = field(default_factory=QueueSettings)
-    budget: BudgetSettings = field(default_factory=BudgetSettings)
-    moderation: ModerationSettings = field(default_factory=ModerationSettings)
-    generators: GeneratorsSettings = field(default_factory=GeneratorsSettings)
-    routing: RoutingSettings = field(default_factory=RoutingSettings)
-    discord: DiscordSettings = field(default_factory=DiscordSettings)
-    # Where the settings came from (None: built-in defaults) and what relative paths resolve to.
-    source: Path | None = field(default=None, metadata={"internal": True})
-    base_dir: Path = field(default_factory=Path.cwd, metadata={"internal": True})
+# The file's table while load_settings builds Settings: a source below the environment.
+_FILE_DATA: ContextVar[Mapping[str, Any]] = ContextVar("easel_file_data", default=types.MappingProxyType({}))
+
+
+class _EnvironmentSource(PydanticBaseSettingsSource):
+    """`EASEL_<SECTION>__<KEY>` variables (see _read_environment)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads every variable at once
+
+    def __call__(self) -> dict[str, Any]:
+        return _read_environment()[0]
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The TOML file's table, below the environment."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_DATA.get())
+
+
+class Settings(BaseSettings):
+    """All settings. Precedence: init values (settings_from_dict) > EASEL_* variables > the file
+    (load_settings) > defaults."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", env_prefix="EASEL_",
+                                      env_nested_delimiter="__")
+
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    budget: BudgetSettings = Field(default_factory=BudgetSettings)
+    moderation: ModerationSettings = Field(default_factory=ModerationSettings)
+    generators: GeneratorsSettings = Field(default_factory=GeneratorsSettings)  # type: ignore[valid-type]
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+
+    # Where the settings came from (None: built-in defaults) and what relative paths resolve to;
+    # set by load_settings, never by the file.
+    _source: Path | None = PrivateAttr(default=None)
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Our own environment source: it parses each value by the type of its key (strict types
+        # take no strings) and lets errors name the variable. No .env file, no secrets dir.
+        return init_settings, _EnvironmentSource(settings_cls), _FileSource(settings_cls)
+
+    @property
+    def source(self) -> Path | None:
+        return self._source
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
         return p if p.is_absolute() else self.base_dir / p
+
+
+# --- loading ----------------------------------------------------------------------------------
 
 
 def find_config(explicit: str | None) -> Path | None:
@@ -269,7 +438,7 @@ def find_config(explicit: str | None) -> Path | None:
 def load_settings(explicit: str | None = None) -> Settings:
     path = find_config(explicit)
     if path is None:
-        return Settings()
+        return _build({}, where="config")
     where = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -281,83 +450,208 @@ def load_settings(explicit: str | None = None) -> Settings:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML ({exc})") from None
-    settings = settings_from_dict(data, where=where)
-    settings.source = path
-    settings.base_dir = path.resolve().parent
+    settings = _build({}, where=where, file=data)
+    settings._source = path
+    settings._base_dir = path.resolve().parent
     return settings
 
 
-def settings_from_dict(data: dict[str, Any], *, where: str = "config") -> Settings:
-    return _build(Settings, data, "", where)
+def settings_from_dict(data: Mapping[str, Any], *, where: str = "config") -> Settings:
+    """Settings from `data` (a parsed TOML table); EASEL_* variables fill what it leaves out."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: settings must be a table")
+    for key in data:  # before BaseSettings sees them: "_env_file" and the like are no settings
+        if key not in Settings.model_fields:
+            raise ConfigError(f"{where}: unknown key '{key}'{_did_you_mean(Settings, (), key)}")
+    return _build(data, where=where)
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if origin is list:
-        item = typing.get_args(tp)[0]
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(item, "values")
-    if origin is dict:
-        return "a table"
-    if is_dataclass(tp):
-        return "a table"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+def _build(init: Mapping[str, Any], *, where: str, file: Mapping[str, Any] | None = None) -> Settings:
+    token = _FILE_DATA.set(file or {})
+    try:
+        return Settings(**init)
+    except ValidationError as exc:
+        env_data, env_names = _read_environment()
+        layers = (_Layer(where, init, None), _Layer("environment", env_data, env_names),
+                  _Layer(where, file or {}, None))
+        raise _config_error(exc, layers) from None
+    finally:
+        _FILE_DATA.reset(token)
 
 
-def _convert(tp: Any, value: Any, key: str, where: str, default: Any = None) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(options[0], value, key, where)
-    if is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{key}' must be a table")
-        return _build(tp, value, key + ".", where, base=default if is_dataclass(default) else None)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: '{key}' must be {_type_name(tp)}")
-        return [_convert(item, v, f"{key}[{i}]", where) for i, v in enumerate(value)]
-    if origin is dict:
-        _, item = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: '{key}' must be a table")
-        return {k: _convert(item, v, f"{key}.{k}", where) for k, v in value.items()}
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: '{key}' must be a finite number, not {value!r}")
-        return float(value)
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, not {value!r}")
-    return value
+# --- the environment --------------------------------------------------------------------------
 
 
-def _default(f) -> Any:
-    return f.default_factory() if f.default_factory is not MISSING else f.default
+def _read_environment() -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """(nested table, path -> variable name) of every EASEL_<SECTION>__<KEY>[__<KEY>] variable.
+    Names are case-insensitive; variables without the delimiter (EASEL_CONFIG) are no settings."""
+    prefix = Settings.model_config["env_prefix"].upper()
+    delimiter = Settings.model_config["env_nested_delimiter"]
+    found = []
+    for name, text in os.environ.items():
+        if name.upper().startswith(prefix) and delimiter in name[len(prefix):]:
+            path = tuple(part.lower() for part in name[len(prefix):].split(delimiter))
+            found.append((path, name, text))
+    data: dict[str, Any] = {}
+    names: dict[tuple[str, ...], str] = {}
+    for path, name, text in sorted(found, key=lambda f: (len(f[0]), f[0], f[1])):
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[path[-1]] = _parse_env_value(text, _type_at(path))
+        names[path] = name
+    return data, names
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, where: str, base: Any = None) -> Any:
-    """`cls` from `data`; keys the table leaves out keep their defaults (those of `base`, the
-    field's own default, where there is one: [generators.openai] keeps OPENAI_API_KEY)."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
-        kwargs[key] = _convert(hints[key], value, prefix + key, where, _default(known[key]))
-    obj = replace(base, **kwargs) if base is not None else cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
+def _parse_env_value(text: str, tp: Any) -> Any:
+    """`text` as the type its key wants; left a string when it does not parse, so that
+    validation names the variable."""
+    s = text.strip()
+    if tp is bool:
+        return {"true": True, "1": True, "yes": True, "on": True,
+                "false": False, "0": False, "no": False, "off": False}.get(s.lower(), text)
+    if tp is int:
+        return int(s) if re.fullmatch(r"[+-]?\d+", s) else text
+    if tp is float:
         try:
-            validate()
-        except _Invalid as exc:
-            raise ConfigError(f"{where}: '{prefix}{exc.key}' {exc}") from None
-    return obj
+            return float(s)
+        except ValueError:
+            return text
+    if tp is None or tp is str:
+        return text
+    try:  # lists and tables: JSON
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
-# Keep dataclass defaults honest: every field must have one, so that an empty file is valid.
-assert all(f.default is not MISSING or f.default_factory is not MISSING for f in fields(Settings))
+# --- errors -----------------------------------------------------------------------------------
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        else:
+            return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _type_at(path: tuple) -> Any:
+    """The (unwrapped) type at `path` from Settings, or None where the path leaves the schema."""
+    tp: Any = Settings
+    for part in path:
+        tp = _unwrap(tp)
+        origin = typing.get_origin(tp)
+        if _is_model(tp):
+            field = tp.model_fields.get(part)
+            if field is None:
+                return None
+            tp = field.annotation
+        elif origin is dict or origin is Mapping:
+            tp = typing.get_args(tp)[1]
+        elif origin in (tuple, list):
+            tp = typing.get_args(tp)[0]
+        else:
+            return None
+    return _unwrap(tp)
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _did_you_mean(model: Any, parent: tuple, key: str) -> str:
+    known = list(model.model_fields) if _is_model(model) else []
+    close = difflib.get_close_matches(str(key), known, n=1)
+    return f" (did you mean '{_dotted(parent + (close[0],))}'?)" if close else ""
+
+
+def _has(data: Any, loc: tuple) -> bool:
+    node = data
+    for part in loc:
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        else:
+            return False
+    return True
+
+
+class _Layer(NamedTuple):
+    where: str  # the file, "config", or "environment"
+    data: Mapping[str, Any]
+    names: dict[tuple[str, ...], str] | None  # the environment's variable names
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "string_type": "a string", "bool_type": "true or false", "bool_parsing": "true or false",
+    "dict_type": "a table", "mapping_type": "a table", "model_type": "a table",
+    "model_attributes_type": "a table",
+}
+_LIST_TYPES = {"list_type", "tuple_type", "iterable_type", "set_type"}
+_ITEM_WORDS = {str: "strings", int: "integers", float: "numbers"}
+
+
+def _config_error(exc: ValidationError, layers: tuple[_Layer, ...]) -> ConfigError:
+    """The first error of `exc` as today's one line: "<where>: '<key>' <problem>". Values from
+    the environment are never echoed (a misplaced secret must not reach a log)."""
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(err["loc"])
+    layer = next((layer for layer in layers if _has(layer.data, loc)), layers[0])
+    kind = err["type"]
+    if layer.names is not None:  # from the environment: name the variable
+        below = [p for p in layer.names if p[:len(loc)] == loc]
+        if below:  # the variable's path is the key's, or goes on below it (an unknown section)
+            path = min(below, key=len)
+            key = f"'{layer.names[path]}'"
+        else:  # a key inside a JSON value
+            above = [p for p in layer.names if loc[:len(p)] == p]
+            path = max(above, key=len) if above else loc
+            key = f"'{_dotted(loc)}' (from {layer.names[path]})" if above else f"'{_dotted(loc)}'"
+        shown = ""
+        if kind == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _field_names(loc[:-1]), n=1)
+            hint = ""
+            if close and below:
+                prefix = Settings.model_config["env_prefix"]
+                delimiter = Settings.model_config["env_nested_delimiter"]
+                suggested = (prefix + delimiter.join(loc[:-1] + (close[0],) + path[len(loc):])).upper()
+                hint = f" (did you mean '{suggested}'?)"
+            elif close:
+                hint = f" (did you mean '{_dotted(loc[:-1] + (close[0],))}'?)"
+            return ConfigError(f"{layer.where}: unknown key {key}{hint}")
+    else:
+        key = f"'{_dotted(loc)}'"
+        shown = f", not {err['input']!r}"
+        if kind == "extra_forbidden":
+            return ConfigError(f"{layer.where}: unknown key {key}{_did_you_mean(_type_at(loc[:-1]), loc[:-1], loc[-1])}")
+    if kind == _RULE:
+        return ConfigError(f"{layer.where}: {key} {err['msg']}")
+    if kind in _TYPE_WORDS:
+        return ConfigError(f"{layer.where}: {key} must be {_TYPE_WORDS[kind]}{shown}")
+    if kind in _LIST_TYPES:
+        tp = _type_at(loc)
+        args = typing.get_args(tp)
+        item = _ITEM_WORDS.get(_unwrap(args[0]) if args else None, "values")
+        return ConfigError(f"{layer.where}: {key} must be a list of {item}{shown}")
+    return ConfigError(f"{layer.where}: {key} is not valid ({err['msg']})")
+
+
+def _field_names(path: tuple) -> list[str]:
+    tp = _type_at(path)
+    return list(tp.model_fields) if _is_model(tp) else []

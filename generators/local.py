@@ -65,8 +65,6 @@ SAMPLERS = {
     "ddim": "DDIMScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "heun": "HeunDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler",
-    "pndm": "PNDMScheduler",
     "unipc": "UniPCMultistepScheduler",
 }
 

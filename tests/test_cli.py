@@ -166,8 +166,9 @@ def diffusions(first_image, tmp_path_factory) -> dict[str, Run]:
     CPU, mostly importing torch. The tests below each check one of them."""
     root = tmp_path_factory.mktemp("diffusions")
     models = first_image[0].data / "models"
-    seeds, flags, edit = (make_workspace(root / name) for name in ("seeds", "flags", "edit"))
-    for ws in (seeds, flags, edit):
+    seeds, flags, edit, sampler = (make_workspace(root / name)
+                                   for name in ("seeds", "flags", "edit", "sampler"))
+    for ws in (seeds, flags, edit, sampler):
         shutil.copytree(models, ws.data / "models")
     derived = make_workspace(root / "derived")
     shutil.copytree(first_image[0].data, derived.data)
@@ -187,6 +188,8 @@ def diffusions(first_image, tmp_path_factory) -> dict[str, Run]:
     def other_lane() -> None:
         for name, ws, args in [
             ("inline flags", flags, ("imagine", "a cat --seed 7 --no blur --ar 2:1 --steps 1")),
+            ("sampler", sampler, ("imagine", "a cat --sampler euler_a --seed 7", *SMALL)),
+            ("sampler again", sampler, ("imagine", "a cat", "--sampler", "euler_a", "--seed", "7", *SMALL)),
             ("variation", derived, ("variation", source_job, "--seed", "5")),
             ("upscale", derived, ("upscale", source_job)),
             ("edit", edit, ("edit", str(root / "photo.png"), "a red door", "--mask",
@@ -605,3 +608,11 @@ def test_serve_gives_images_stable_cacheable_urls(seeded_workspace, first_image)
     assert server.returncode == 0, err
     assert "Traceback" not in err
     assert f":{ws.port}/images/" in out
+
+
+def test_a_sampler_is_recorded_and_reproduces_the_same_pixels(diffusions):
+    first = _outcome(diffusions["sampler"].result, 0)
+    again = _outcome(diffusions["sampler again"].result, 0)
+    assert first["sha256"] == again["sha256"]
+    recorded = {j["id"]: j for j in diffusions["sampler"].ws.jobs()}
+    assert recorded[first["job_id"]]["options"] == {"sampler": "euler_a"}

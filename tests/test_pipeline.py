@@ -367,3 +367,12 @@ async def test_options_a_model_does_not_have_are_refused(tmp_path):
     app = make_app(tmp_path)
     out = await app.service.submit(job_request("imagine", "u1", "a fox", options={"quality": "hd"}))
     assert out.error_code == "usage" and "fake-model has no option 'quality'" in out.error
+
+
+async def test_a_sampler_is_refused_by_a_model_that_takes_none(tmp_path):
+    gen = PreparedGenerator()
+    app = make_app(tmp_path, gen)
+    out = await app.service.submit(job_request("imagine", "u1", "a fox --sampler euler_a"))
+    assert out.status == "refused" and out.error_code == "usage"
+    assert "has no option 'sampler'" in out.error
+    assert gen.calls == [] and available(app) == usd_to_micros(1.0)

@@ -6,7 +6,7 @@ in a worker thread, never on the event loop."""
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from .models import (
     Balance,
@@ -140,6 +140,7 @@ class Clock(Protocol):
         ...
 
 
+@runtime_checkable
 class Generator(Protocol):
     """A source of images. `generate` must not block the event loop."""
 
