@@ -12,13 +12,14 @@ from typing import Any, Callable, TypeVar
 
 from PIL import Image
 
-from bot.app import App, build_app
+from bot.bootstrap import App
 from bot.config import settings_from_dict
 from bot.discord_bot.client import EaselClient
-from generators.base import GeneratedImage, GenerationRequest, ModelSpec
+from bot.core.models import GeneratedImage, GenerationRequest, ModelSpec
 from moderation import NoImageScreen, Verdict
 from tests.fakes.discord_server import EPHEMERAL, FakeDiscord, FakeInteraction, StoredMessage
 from tests.fakes.generators import PreparedGenerator
+from tests.helpers import start_app
 
 T = TypeVar("T")
 RESULT_REACTIONS = {"\U0001f501", "\U0001f3b2", "\u2b06\ufe0f", "\U0001f5d1\ufe0f"}
@@ -142,10 +143,9 @@ async def start_bot(fake: FakeDiscord, *, config: dict, generator: PreparedGener
                     image_screen=None, queue_limit: int | None = None) -> RunningBot:
     generator = generator if generator is not None else PreparedGenerator()
     image_screen = image_screen if image_screen is not None else NoImageScreen()
-    app = build_app(settings_from_dict(copy.deepcopy(config)), generators=[generator],
-                    image_screen=image_screen)
-    if queue_limit is not None:
-        app.pipeline.queue_limits["fake"] = queue_limit
+    app = start_app(settings_from_dict(copy.deepcopy(config)), generators=[generator],
+                    image_screen=image_screen,
+                    queue_limits={"fake": queue_limit} if queue_limit is not None else None)
     client = EaselClient(app, app.settings.discord, guild_ready_timeout=0.05)
     await client.login(fake.token)
     runner = asyncio.create_task(client.connect(reconnect=False))

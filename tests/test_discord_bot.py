@@ -431,7 +431,7 @@ async def test_private_setting_makes_results_ephemeral_without_reactions(fake, m
     bot = await make_bot()
     reply = await immediate_reply(fake, await fake.send_slash_command("settings", {"private": True}))
     assert "results **private**" in reply.content
-    assert bot.app.pipeline.preferences.user(str(fake.user.id)).private is True
+    assert bot.app.preferences.user(str(fake.user.id)).private is True
 
     interaction = await fake.send_slash_command("imagine", {"prompt": "a secret garden"})
     ack = await fake.wait_for_ack(interaction)
@@ -451,7 +451,7 @@ async def test_settings_store_a_default_model_and_aspect_that_inline_flags_overr
     assert "model **fake-model**, aspect **16:9**, results **public**" in reply.content
     refused = await immediate_reply(fake, await fake.send_slash_command("settings", {"aspect": "sideways"}))
     assert refused.content.startswith("\u2753 --ar takes a ratio like 16:9")
-    prefs = bot.app.pipeline.preferences.user(str(fake.user.id))
+    prefs = bot.app.preferences.user(str(fake.user.id))
     assert (prefs.model, prefs.aspect, prefs.private) == ("fake-model", "16:9", False)
 
     await imagine_result(bot, {"prompt": "a wide valley"})
@@ -506,7 +506,7 @@ async def test_budget_is_refused_to_a_plain_member(fake, make_bot, bob):
         assert text == "\U0001f512 only admins can manage budgets", (sub, text)
     assert bot.app.db.query("SELECT * FROM ledger_entries") == []
     assert bot.available(bob.id) == ALLOWANCE_MICROS
-    assert bot.app.pipeline.preferences.guild(str(fake.guild.id)).spend_cap_micros is None
+    assert bot.app.preferences.guild(str(fake.guild.id)).spend_cap_micros is None
 
 
 async def test_the_guild_owner_manages_budgets(fake, make_bot, bob):
@@ -532,7 +532,7 @@ async def test_the_guild_owner_manages_budgets(fake, make_bot, bob):
                                    f"2. <@{bob.id}> $0.0100", "**By provider** fake: $0.0300"]
 
     assert "cap is now $0.04 per month" in await budget(fake, "guild-cap", {"amount": 0.04})
-    assert bot.app.pipeline.preferences.guild(str(fake.guild.id)).spend_cap_micros == 40_000
+    assert bot.app.preferences.guild(str(fake.guild.id)).spend_cap_micros == 40_000
     assert "**Server cap** $0.04 per month" in await budget(fake, "report", {})
     await imagine_result(bot, {"prompt": "a fourth picture"})  # $0.04 spent: the cap is reached
     over = await fake.send_slash_command("imagine", {"prompt": "a fifth picture"}, user=bob)

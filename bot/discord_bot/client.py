@@ -12,7 +12,7 @@ import discord
 import yarl
 from discord import app_commands
 
-from ..app import App
+from ..bootstrap import App
 from ..config import ConfigError, DiscordSettings, Settings
 from .frontend import Frontend
 from .results import ResultButton

@@ -11,15 +11,21 @@ from typing import Awaitable, Callable
 
 import discord
 
-from generators.images import ImageRejected, decode_image
-from storage.jobs import JobRecord
-from storage.ledger import micros_to_usd, period_start, usd_to_micros
-from storage.preferences import GuildSettings, UserSettings
-
-from ..app import App
+from ..bootstrap import App
 from ..config import DiscordSettings
-from ..flags import FlagError, parse_aspect, parse_flags
-from ..pipeline import JobEvent, JobOutcome, JobRequest
+from ..core.flags import FlagError, parse_aspect, parse_flags
+from ..core.models import (
+    GenerationParams,
+    JobEvent,
+    JobOutcome,
+    JobRecord,
+    JobRequest,
+    Kind,
+    Refusal,
+    Requester,
+    micros_to_usd,
+    usd_to_micros,
+)
 from .results import (
     REACTIONS,
     action_for_emoji,
@@ -119,22 +125,14 @@ class Frontend:
             if still:
                 await asyncio.wait(still, timeout=10)
 
-    def _base_request(self, interaction_or_payload, user_id: int, channel) -> dict:
+    def _base_request(self, interaction_or_payload, user_id: int, channel) -> Requester:
         guild_id = getattr(interaction_or_payload, "guild_id", None)
-        return dict(user_id=str(user_id), guild_id=str(guild_id) if guild_id else None,
-                    channel_id=str(channel.id) if channel is not None else None,
-                    nsfw_channel=_channel_is_nsfw(channel))
+        return Requester(str(user_id), str(guild_id) if guild_id else None,
+                         str(channel.id) if channel is not None else None, _channel_is_nsfw(channel))
 
     def _preview_screen(self, nsfw_channel: bool) -> Callable[[bytes], bool]:
         """Step previews pass the same image screen as results before anyone sees them."""
-        def allowed(png: bytes) -> bool:
-            try:
-                image = decode_image(png).image
-            except ImageRejected:
-                return False
-            return self.app.pipeline.image_screen.screen_image(image, nsfw_channel=nsfw_channel).allowed
-
-        return allowed
+        return lambda png: self.app.screening.preview_allowed(png, nsfw_channel)
 
     def is_admin(self, member) -> bool:
         roles = set(self.settings.admin_roles)
@@ -161,7 +159,7 @@ class Frontend:
         if not await self._gatekeep(interaction):
             return None
         started = time.monotonic()
-        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))
+        prefs = await self.app.accounts.user_settings(str(interaction.user.id))
         await interaction.response.defer(thinking=True, ephemeral=prefs.private)
         return prefs, started
 
@@ -183,16 +181,14 @@ class Frontend:
 
     # ---- running jobs for an interaction ---------------------------------------------------------
 
-    async def run_for_interaction(self, interaction: discord.Interaction, requests: list[JobRequest],
+    async def run_for_interaction(self, interaction: discord.Interaction, run,
                                   *, private: bool, started: float) -> list[JobOutcome]:
+        """`run(on_event)` makes the outcomes: one service call."""
         self._track()
         progress = ProgressMessage(interaction.edit_original_response, self.settings.progress_interval_s,
                                    self._preview_screen(_channel_is_nsfw(interaction.channel)))
         try:
-            outcomes = await asyncio.gather(*[
-                self.app.pipeline.submit(r, on_event=progress.on_event if i == 0 else None)
-                for i, r in enumerate(requests)
-            ])
+            outcomes = await run(progress.on_event)
         except asyncio.CancelledError:  # shutdown ran out of grace: the pipeline refunded the job
             await progress.stop()
             try:
@@ -273,7 +269,7 @@ class Frontend:
             message = await interaction.channel.send(
                 content=f"<@{interaction.user.id}> your image is ready", embed=embed, file=file,
                 view=view, allowed_mentions=discord.AllowedMentions(users=True))
-        self.app.jobs.update(outcome.job.id, message_id=str(message.id))
+        await self.app.results.delivered(outcome.job.id, str(message.id))
         if not private:
             await self._add_reactions(message)
 
@@ -287,15 +283,15 @@ class Frontend:
 
     # ---- running jobs from a reaction (no interaction to answer) --------------------------------
 
-    async def run_in_channel(self, channel, user_id: int, request: JobRequest, reply_to: int) -> JobOutcome:
+    async def run_in_channel(self, channel, user_id: int, run, reply_to: int, nsfw: bool) -> JobOutcome:
         self._track()
         mention = discord.AllowedMentions(users=True)
         status = await channel.send(
             f"<@{user_id}> \u23f3 working on it\u2026", allowed_mentions=mention,
             reference=discord.MessageReference(message_id=reply_to, channel_id=channel.id, fail_if_not_exists=False))
         progress = ProgressMessage(status.edit, self.settings.progress_interval_s,
-                                   self._preview_screen(request.nsfw_channel))
-        outcome = await self.app.pipeline.submit(request, on_event=progress.on_event)
+                                   self._preview_screen(nsfw))
+        outcome = await run(progress.on_event)
         await progress.stop()
         if not outcome.ok:
             await status.edit(content=f"<@{user_id}> {refusal_text(outcome)}", delete_after=120)
@@ -303,50 +299,43 @@ class Frontend:
         limit = getattr(getattr(channel, "guild", None), "filesize_limit", 10 * 1024 * 1024)
         file, embed, view = await self._result_parts(outcome, limit)
         message = await status.edit(content=f"<@{user_id}>", embed=embed, attachments=[file], view=view)
-        self.app.jobs.update(outcome.job.id, message_id=str(message.id))
+        await self.app.results.delivered(outcome.job.id, str(message.id))
         await self._add_reactions(message)
         return outcome
 
     # ---- actions on a result (buttons and reactions) ------------------------------------------
 
-    def action_request(self, action: str, job: JobRecord, base: dict) -> JobRequest:
-        """The request a click or reaction makes; it is charged to whoever clicked."""
+    def action(self, action: str, job: JobRecord, requester: Requester):
+        """The service call a click or reaction makes; it is charged to whoever clicked."""
+        service = self.app.service
         if action == "variation":
-            return JobRequest("variation", source_job_id=job.id, model=job.model, **base)
+            request = JobRequest(Kind.VARIATION, requester, GenerationParams(model=job.model),
+                                 source_job_id=job.id)
+            return lambda on_event: service.submit(request, on_event)
         if action == "upscale":
-            return JobRequest("upscale", source_job_id=job.id, **base)
-        # reroll: the same request with a new seed
-        common = dict(prompt=job.prompt, negative_prompt=job.negative_prompt, model=job.model,
-                      options=dict(job.options), **base)
-        if job.kind == "imagine":
-            return JobRequest("imagine", size=(job.width, job.height), **common)
-        if job.kind == "variation":
-            source = self._input_bytes(job.source_sha256)
-            return JobRequest("variation", source_job_id=job.source_job_id, image=source,
-                              strength=job.strength, **common)
-        if job.kind == "edit":
-            return JobRequest("edit", image=self._input_bytes(job.source_sha256),
-                              mask=self._input_bytes(job.mask_sha256), **common)
-        return JobRequest("upscale", source_job_id=job.source_job_id, image=self._input_bytes(job.source_sha256), **base)
-
-    def _input_bytes(self, key: str | None) -> bytes | None:
-        return self.app.blobs.get(key) if key else None
+            request = JobRequest(Kind.UPSCALE, requester, source_job_id=job.id)
+            return lambda on_event: service.submit(request, on_event)
+        return lambda on_event: service.reroll(job.id, requester, on_event)
 
     async def on_result_action(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
         if not await self._gatekeep(interaction):
             return
         started = time.monotonic()
-        job = self.app.jobs.get(job_id)
+        job = await self.app.results.job(job_id)
         if job is None:
             await self._refuse(interaction, f"job {job_id} no longer exists")
             return
         if action == "delete":
             await self._delete_result(interaction, job)
             return
-        prefs = self.app.pipeline.preferences.user(str(interaction.user.id))  # the clicker's
+        prefs = await self.app.accounts.user_settings(str(interaction.user.id))  # the clicker's
         await interaction.response.defer(thinking=True, ephemeral=prefs.private)
-        request = self.action_request(action, job, self._base_request(interaction, interaction.user.id, interaction.channel))
-        await self.run_for_interaction(interaction, [request], private=prefs.private, started=started)
+        run = self.action(action, job, self._base_request(interaction, interaction.user.id, interaction.channel))
+
+        async def one(on_event):
+            return [await run(on_event)]
+
+        await self.run_for_interaction(interaction, one, private=prefs.private, started=started)
 
     async def _delete_result(self, interaction: discord.Interaction, job: JobRecord) -> None:
         if str(interaction.user.id) != job.user_id and not self.is_admin(interaction.user):
@@ -356,7 +345,7 @@ class Frontend:
         # through the interaction's webhook reaches ephemeral results too.
         await interaction.response.defer()
         await interaction.delete_original_response()
-        self.app.jobs.update(job.id, message_id=None)
+        await self.app.results.delivered(job.id, None)
 
     async def on_reaction(self, payload: discord.RawReactionActionEvent) -> None:
         if not self.accepting or self.client.user is None or payload.user_id == self.client.user.id:
@@ -364,17 +353,18 @@ class Frontend:
         action = action_for_emoji(payload.emoji.name or "")
         if action is None:
             return
-        job = self.app.jobs.by_message(str(payload.message_id))
+        job = await self.app.results.for_message(str(payload.message_id))
         if job is None:
             return
         channel = self.client.get_channel(payload.channel_id) or self.client.get_partial_messageable(payload.channel_id)
         if action == "delete":
             if str(payload.user_id) == job.user_id or self.is_admin(payload.member):
                 await channel.get_partial_message(payload.message_id).delete()
-                self.app.jobs.update(job.id, message_id=None)
+                await self.app.results.delivered(job.id, None)
             return
-        request = self.action_request(action, job, self._base_request(payload, payload.user_id, channel))
-        await self.run_in_channel(channel, payload.user_id, request, payload.message_id)
+        requester = self._base_request(payload, payload.user_id, channel)
+        await self.run_in_channel(channel, payload.user_id, self.action(action, job, requester),
+                                  payload.message_id, requester.nsfw_channel)
 
     # ---- slash commands --------------------------------------------------------------------------
 
@@ -398,23 +388,16 @@ class Frontend:
         except (Refused, FlagError) as exc:
             await self._finish_refused(interaction, str(exc))
             return
-        if seed is None and count > 1:
-            try:
-                seed = parse_flags(prompt).seed
-            except FlagError:
-                seed = None
-            if seed is not None:  # each image its own seed: seed, seed+1, ...
-                prompt = re.sub(r"(?:--|\u2014|\u2013)seed\s+\d+", "", prompt)
         base = self._base_request(interaction, interaction.user.id, interaction.channel)
         options = {"quality": quality} if quality else {}
-        requests = [
-            JobRequest("imagine", prompt=prompt, negative_prompt=negative,
-                       seed=None if seed is None else seed + i,
-                       model=model or prefs.model, aspect=ratio, options=options,
-                       group=f"interaction:{interaction.id}", **base)
-            for i in range(count)
-        ]
-        await self.run_for_interaction(interaction, requests, private=prefs.private, started=started)
+        request = JobRequest(Kind.IMAGINE, base, GenerationParams(
+            prompt=prompt, negative_prompt=negative, seed=seed, model=model or prefs.model,
+            options=options), aspect=ratio, group=f"interaction:{interaction.id}")
+
+        async def run(on_event):
+            return await self.app.service.imagine(request, count, on_event)
+
+        await self.run_for_interaction(interaction, run, private=prefs.private, started=started)
 
     async def _finish_refused(self, interaction: discord.Interaction, text: str) -> None:
         try:
@@ -426,7 +409,7 @@ class Frontend:
     async def _attachment_bytes(self, attachment: discord.Attachment | None, what: str) -> bytes | None:
         if attachment is None:
             return None
-        limit = self.app.pipeline.max_upload_bytes
+        limit = self.app.settings.generation.max_upload_bytes
         if not (attachment.content_type or "").startswith("image/"):
             raise Refused(f"the {what} must be an image (PNG, JPEG or WebP), not {attachment.content_type or 'an unknown type'}")
         if attachment.size > limit:
@@ -445,10 +428,10 @@ class Frontend:
         except Refused as exc:
             await self._finish_refused(interaction, str(exc))
             return
-        request = JobRequest("edit", prompt=prompt, image=image_bytes, mask=mask_bytes,
-                             model=model or prefs.model,
-                             **self._base_request(interaction, interaction.user.id, interaction.channel))
-        await self.run_for_interaction(interaction, [request], private=prefs.private, started=started)
+        request = JobRequest(Kind.EDIT, self._base_request(interaction, interaction.user.id, interaction.channel),
+                             GenerationParams(prompt=prompt, model=model or prefs.model),
+                             image=image_bytes, mask=mask_bytes)
+        await self._submit(interaction, request, prefs.private, started)
 
     async def variation(self, interaction: discord.Interaction, job: str | None,
                         image: discord.Attachment | None, seed: int | None, strength: float | None) -> None:
@@ -468,50 +451,38 @@ class Frontend:
         except Refused as exc:
             await self._finish_refused(interaction, str(exc))
             return
-        request = JobRequest(kind, source_job_id=job_id, image=image_bytes,
-                             **{k: v for k, v in extra.items() if v is not None},
-                             **self._base_request(interaction, interaction.user.id, interaction.channel))
-        await self.run_for_interaction(interaction, [request], private=prefs.private, started=started)
+        request = JobRequest(Kind(kind), self._base_request(interaction, interaction.user.id, interaction.channel),
+                             GenerationParams(**{k: v for k, v in extra.items() if v is not None}),
+                             source_job_id=job_id, image=image_bytes)
+        await self._submit(interaction, request, prefs.private, started)
+
+    async def _submit(self, interaction, request: JobRequest, private: bool, started: float) -> None:
+        async def run(on_event):
+            return [await self.app.service.submit(request, on_event)]
+
+        await self.run_for_interaction(interaction, run, private=private, started=started)
 
     async def usage(self, interaction: discord.Interaction) -> None:
-        user = str(interaction.user.id)
-        ledger = self.app.ledger
-        balance = ledger.balance(user)
-        period = self.app.pipeline.budget_period
-        spent = ledger.spent_since(user, period_start(period))
+        usage = await self.app.accounts.usage(str(interaction.user.id))
+        balance = usage.balance
         lines = [f"**Balance** ${micros_to_usd(balance.available_micros):.4f}"
                  + (f" (${micros_to_usd(balance.reserved_micros):.4f} held for running jobs)" if balance.reserved_micros else ""),
-                 f"**Spent this {period}** ${micros_to_usd(spent):.4f}"]
-        recent = self.app.jobs.list(user_id=user, limit=5)
-        if recent:
+                 f"**Spent this {usage.period}** ${micros_to_usd(usage.spent_micros):.4f}"]
+        if usage.recent:
             lines.append("**Recent jobs**")
-            for j in recent:
+            for j in usage.recent:
                 lines.append(f"`{j.id}` {j.status} \u00b7 {j.kind} \u00b7 {j.model or '-'} \u00b7 "
                              f"${micros_to_usd(j.cost_micros):.4f} \u00b7 {discord.utils.escape_markdown(j.prompt[:60])}")
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     async def user_settings(self, interaction: discord.Interaction, model: str | None,
                             aspect: str | None, private: bool | None) -> None:
-        prefs = self.app.pipeline.preferences
-        current = prefs.user(str(interaction.user.id))
         try:
-            if model is not None and model.lower() not in ("default", "none", ""):
-                model = self.app.router.resolve(model).spec.name
-            if aspect is not None and aspect.lower() not in ("default", "none", ""):
-                parse_aspect(aspect)
-        except Exception as exc:  # UnknownModel, FlagError: both carry a message for the user
+            updated = await self.app.accounts.change_settings(
+                str(interaction.user.id), model=model, aspect=aspect, private=private)
+        except Refusal as exc:
             await interaction.response.send_message(f"\u2753 {exc}", ephemeral=True)
             return
-
-        def pick(new, old):
-            if new is None:
-                return old
-            return None if str(new).lower() in ("default", "none", "") else new
-
-        updated = UserSettings(current.user_id, pick(model, current.model), pick(aspect, current.aspect),
-                               current.private if private is None else private)
-        if updated != current:
-            prefs.set_user(updated)
         await interaction.response.send_message(
             f"Your defaults: model **{updated.model or 'server default'}**, aspect "
             f"**{updated.aspect or 'model default'}**, results **{'private' if updated.private else 'public'}**.",
@@ -529,24 +500,22 @@ class Frontend:
         if not self.is_admin(interaction.user):
             await self._refuse(interaction, "\U0001f512 only admins can manage budgets")
             return
-        ledger = self.app.ledger
+        accounts = self.app.accounts
         actor = f"discord:{interaction.user.id}"
         if action in ("set", "grant", "guild-cap") and (amount is None or amount < 0 and action != "grant"):
             await self._refuse(interaction, f"/budget {action} needs an amount in USD (0 or more)")
             return
-        period = period or self.app.pipeline.budget_period
+        budget_period = self.app.settings.budget.period
         if action == "report":
-            await interaction.response.send_message(self._report(interaction, period), ephemeral=True)
+            await interaction.response.send_message(await self._report(interaction, period), ephemeral=True)
             return
         if action == "guild-cap":
             if interaction.guild_id is None:
                 await self._refuse(interaction, "a guild cap is set in a server")
                 return
-            prefs = self.app.pipeline.preferences
-            current = prefs.guild(str(interaction.guild_id))
             cap = usd_to_micros(amount) if amount > 0 else None
-            prefs.set_guild(GuildSettings(current.guild_id, current.default_model, cap))
-            text = f"This server's spending cap is now ${amount:.2f} per {self.app.pipeline.budget_period}." if cap else \
+            await accounts.set_guild_cap(str(interaction.guild_id), cap)
+            text = f"This server's spending cap is now ${amount:.2f} per {budget_period}." if cap else \
                 "This server has no spending cap now."
             await interaction.response.send_message(text, ephemeral=True)
             return
@@ -555,29 +524,25 @@ class Frontend:
             return
         uid = str(user.id)
         if action == "set":
-            ledger.set_balance(uid, usd_to_micros(amount), actor)
+            await accounts.set_balance(uid, usd_to_micros(amount), actor)
         elif action == "grant":
-            ledger.grant(uid, usd_to_micros(amount), actor)
+            await accounts.grant(uid, usd_to_micros(amount), actor)
         elif action == "reset":
-            ledger.reset(uid, actor)
-        b = ledger.balance(uid)
-        spent = ledger.spent_since(uid, period_start(period))
+            await accounts.reset(uid, actor)
+        usage = await accounts.usage(uid, period)
+        b = usage.balance
         await interaction.response.send_message(
             f"{user.mention}: balance ${micros_to_usd(b.balance_micros):.4f}, available "
-            f"${micros_to_usd(b.available_micros):.4f}, spent this {period} ${micros_to_usd(spent):.4f}",
+            f"${micros_to_usd(b.available_micros):.4f}, spent this {usage.period} ${micros_to_usd(usage.spent_micros):.4f}",
             ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
-    def _report(self, interaction: discord.Interaction, period: str) -> str:
-        since = period_start(period)
+    async def _report(self, interaction: discord.Interaction, period: str | None) -> str:
         guild = str(interaction.guild_id) if interaction.guild_id else None
-        ledger = self.app.ledger
-        lines = [f"**Spend this {period}**"]
-        top = ledger.top_spenders(since, guild_id=guild)
-        lines += [f"{i}. <@{u}> ${micros_to_usd(m):.4f}" for i, (u, m) in enumerate(top, 1)] or ["nobody has spent anything"]
-        by_provider = ledger.spend_by_provider(since, guild_id=guild)
-        if by_provider:
-            lines.append("**By provider** " + ", ".join(f"{p}: ${micros_to_usd(m):.4f}" for p, m in sorted(by_provider.items())))
-        cap = self.app.pipeline.preferences.guild(guild).spend_cap_micros if guild else None
-        if cap:
-            lines.append(f"**Server cap** ${micros_to_usd(cap):.2f} per {self.app.pipeline.budget_period}")
+        report = await self.app.accounts.report(guild, period)
+        lines = [f"**Spend this {report.period}**"]
+        lines += [f"{i}. <@{u}> ${micros_to_usd(m):.4f}" for i, (u, m) in enumerate(report.top, 1)] or ["nobody has spent anything"]
+        if report.by_provider:
+            lines.append("**By provider** " + ", ".join(f"{p}: ${micros_to_usd(m):.4f}" for p, m in sorted(report.by_provider.items())))
+        if report.guild_cap_micros:
+            lines.append(f"**Server cap** ${micros_to_usd(report.guild_cap_micros):.2f} per {self.app.settings.budget.period}")
         return "\n".join(lines)

@@ -8,7 +8,7 @@ import time
 
 import discord
 
-from storage.jobs import JobRecord
+from bot.core.models import JobRecord
 
 # Interaction tokens last 15 minutes; past this age easel posts to the channel instead.
 TOKEN_LIFETIME_S = 15 * 60 - 30
