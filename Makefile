@@ -29,6 +29,6 @@ test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install-test
-	$(PY) bench/pipeline_overhead.py
-	$(PY) bench/cloud_throughput.py
-	$(PY) bench/discord_burst.py
+	$(PY) -m bench.pipeline_overhead
+	$(PY) -m bench.cloud_throughput
+	$(PY) -m bench.discord_burst

@@ -13,19 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bot.app import build_app  # noqa: E402
-from bot.config import settings_from_dict  # noqa: E402
-from bot.pipeline import JobRequest  # noqa: E402
-from moderation import NoImageScreen  # noqa: E402
-from tests.fakes.providers import FakeOpenAI, image_bytes  # noqa: E402
+from bot.config import settings_from_dict
+from tests.helpers import job_request, start_app
+from moderation import NoImageScreen
+from tests.fakes.providers import FakeOpenAI, image_bytes
 
 
 def start_fake_in_thread(latency_s: float, images: list[bytes]) -> tuple[FakeOpenAI, callable]:
@@ -72,15 +67,15 @@ async def run(jobs: int, concurrency: int, latency: float) -> None:
             "generators": {"local": {"enabled": False},
                            "openai": {"base_url": f"{fake.base_url}/v1", "max_concurrent": concurrency}},
         })
-        app = build_app(settings, image_screen=NoImageScreen())
-        warm = await app.pipeline.submit(JobRequest("imagine", "warm", "warm up"))
+        app = start_app(settings, image_screen=NoImageScreen())
+        warm = await app.service.submit(job_request("imagine", "warm", "warm up"))
         assert warm.ok, warm.error
         lags: list[float] = []
         stop = asyncio.Event()
         tick = asyncio.create_task(ticker(lags, stop))
         t0 = time.perf_counter()
         outs = await asyncio.gather(*[
-            app.pipeline.submit(JobRequest("imagine", f"user{i}", f"a lighthouse, study {i}"))
+            app.service.submit(job_request("imagine", f"user{i}", f"a lighthouse, study {i}"))
             for i in range(jobs)])
         elapsed = time.perf_counter() - t0
         stop.set()

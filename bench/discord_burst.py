@@ -16,16 +16,13 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bot.app import build_app  # noqa: E402
-from bot.config import settings_from_dict  # noqa: E402
-from bot.discord_bot.client import EaselClient  # noqa: E402
-from moderation import NoImageScreen  # noqa: E402
-from tests.fakes.discord_server import FakeDiscord, FakeInteraction  # noqa: E402
-from tests.fakes.generators import PreparedGenerator, png_bytes  # noqa: E402
+from bot.config import settings_from_dict
+from bot.discord_bot.client import EaselClient
+from moderation import NoImageScreen
+from tests.fakes.discord_server import FakeDiscord, FakeInteraction
+from tests.fakes.generators import PreparedGenerator, png_bytes
+from tests.helpers import start_app
 
 ACK_TARGET_S = 0.300
 
@@ -57,8 +54,8 @@ async def run(members: int, delay_s: float, slots: int, timeout_s: float) -> boo
                 "storage": {"database": f"{tmp}/easel.db", "images_dir": f"{tmp}/images"},
                 "generation": {"default_model": "fake-model"},
             })
-            app = build_app(settings, generators=[generator], image_screen=NoImageScreen())
-            app.pipeline.queue_limits["fake"] = slots
+            app = start_app(settings, generators=[generator], image_screen=NoImageScreen(),
+                            queue_limits={"fake": slots})
             client = EaselClient(app, app.settings.discord, guild_ready_timeout=0.05)
             await client.login(fake.token)
             runner = asyncio.create_task(client.connect(reconnect=False))

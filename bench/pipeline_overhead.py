@@ -12,18 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bot.app import build_app  # noqa: E402
-from bot.config import settings_from_dict  # noqa: E402
-from bot.pipeline import JobRequest  # noqa: E402
-from moderation import NoImageScreen, NudeNetScreen  # noqa: E402
-from tests.fakes.generators import PreparedGenerator  # noqa: E402
+from bot.config import settings_from_dict
+from tests.helpers import job_request, start_app
+from moderation import NoImageScreen, NudeNetScreen
+from tests.fakes.generators import PreparedGenerator
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -39,14 +34,14 @@ async def run(jobs: int, screen, label: str) -> None:
             "budget": {"default_allowance_usd": 1000.0},
         })
         gen = PreparedGenerator(price_usd=0.001)
-        app = build_app(settings, generators=[gen], image_screen=screen)
-        await app.pipeline.submit(JobRequest("imagine", "warm-up", "warm up", seed=0, size=(512, 512)))
+        app = start_app(settings, generators=[gen], image_screen=screen)
+        await app.service.submit(job_request("imagine", "warm-up", "warm up", seed=0, size=(512, 512)))
         totals, steps = [], {}
         for i in range(jobs):
             # A distinct seed per job: distinct images, so every job really writes its file.
             t0 = time.perf_counter()
-            out = await app.pipeline.submit(
-                JobRequest("imagine", f"user{i % 10}", f"a lighthouse at dusk --seed {i + 1}", size=(512, 512)))
+            out = await app.service.submit(
+                job_request("imagine", f"user{i % 10}", f"a lighthouse at dusk --seed {i + 1}", size=(512, 512)))
             total = (time.perf_counter() - t0) * 1000
             assert out.ok, out.error
             totals.append(total - out.job.timings.get("generate", 0.0))
