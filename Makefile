@@ -8,7 +8,7 @@ PROMPT ?= a lighthouse at dusk, oil painting
 # torch first and pinned: an open-ended torch requirement pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench install-local install-test
+.PHONY: demo test lint bench install-local install-test
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "easel needs Python 3.11 or newer")'
@@ -27,6 +27,14 @@ demo: install-local
 
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (lint everywhere; format on the core and the composition root), mypy (strict on the
+# core), import-linter (the layering: see [tool.importlinter] in pyproject.toml).
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check bot/core bot/bootstrap.py
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: install-test
 	$(PY) -m bench.pipeline_overhead

@@ -18,9 +18,9 @@ import threading
 import time
 
 from bot.config import settings_from_dict
-from tests.helpers import job_request, start_app
 from moderation import NoImageScreen
 from tests.fakes.providers import FakeOpenAI, image_bytes
+from tests.helpers import job_request, start_app
 
 
 def start_fake_in_thread(latency_s: float, images: list[bytes]) -> tuple[FakeOpenAI, callable]:

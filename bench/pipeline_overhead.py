@@ -16,9 +16,9 @@ import tempfile
 import time
 
 from bot.config import settings_from_dict
-from tests.helpers import job_request, start_app
 from moderation import NoImageScreen, NudeNetScreen
 from tests.fakes.generators import PreparedGenerator
+from tests.helpers import job_request, start_app
 
 
 def percentile(values: list[float], q: float) -> float:

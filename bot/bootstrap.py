@@ -89,8 +89,9 @@ def build_prompt_screen(settings: Settings) -> PromptScreen:
     rules = settings.moderation.prompt_rules
     if rules is None:
         return PromptScreen(DEFAULT_PROMPT_RULES)
-    return PromptScreen([PromptRule(name, tuple(r.terms), r.allow_in_nsfw_channels)
-                         for name, r in rules.items()])
+    return PromptScreen(
+        [PromptRule(name, tuple(r.terms), r.allow_in_nsfw_channels) for name, r in rules.items()]
+    )
 
 
 def build_image_screen(settings: Settings) -> ImageScreen:
@@ -152,10 +153,27 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         planner=Planner(policy, router, jobs, blobs, codec, preferences),
         screening=screening,
         billing=Billing(policy, router, db, ledger, jobs, preferences, clock),
-        admission=Admission({**queue_limits(settings), **overrides.queue_limits},
-                            policy.max_requests_per_user),
-        router=router, jobs=jobs, blobs=blobs, codec=codec, owner=this_process(),
+        admission=Admission(
+            {**queue_limits(settings), **overrides.queue_limits}, policy.max_requests_per_user
+        ),
+        router=router,
+        jobs=jobs,
+        blobs=blobs,
+        codec=codec,
+        owner=this_process(),
     )
     accounts = Accounts(policy, ledger, jobs, preferences, router, clock)
-    return App(settings, db, ledger, jobs, blobs, preferences, router, screening, service,
-               accounts, Results(jobs, blobs, screening), clock)
+    return App(
+        settings,
+        db,
+        ledger,
+        jobs,
+        blobs,
+        preferences,
+        router,
+        screening,
+        service,
+        accounts,
+        Results(jobs, blobs, screening),
+        clock,
+    )

@@ -14,8 +14,9 @@ import email.utils
 import math
 import time
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 from bot.core.models import GeneratorError, TransientGeneratorError
 from generators.images import ImageRejected, decode_image, encode_png
@@ -147,7 +148,7 @@ async def _download(
                 problem = f"HTTP {resp.status}"
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             problem = type(exc).__name__
-        except asyncio.TimeoutError:
+        except TimeoutError:
             problem = f"no complete answer within {timeout_s:g} s"
         if attempt == attempts:
             raise TransientGeneratorError(

@@ -22,9 +22,9 @@ from bot.core.models import (
     TransientGeneratorError,
     UnsupportedRequest,
 )
+from generators.cloud import OpenAICompatible, find_model
 from generators.download import parse_retry_after
 from generators.images import ImageRejected, decode_image, encode_png
-from generators.cloud import OpenAICompatible, find_model
 
 PROVIDER = "openai"
 

@@ -24,8 +24,8 @@ from bot.core.models import (
     TransientGeneratorError,
     UnsupportedRequest,
 )
-from generators.download import InvalidProviderImage, fetch_image, parse_retry_after
 from generators.cloud import CloudGenerator, find_model
+from generators.download import InvalidProviderImage, fetch_image, parse_retry_after
 
 if TYPE_CHECKING:
     import httpx

@@ -14,8 +14,8 @@ from bot.core.models import (
     ModelSpec,
     ProgressCallback,
 )
-from generators.openai_images import translate_openai_error
 from generators.cloud import OpenAICompatible, find_model
+from generators.openai_images import translate_openai_error
 
 PROVIDER = "together"
 DEFAULT_BASE_URL = "https://api.together.xyz/v1"

@@ -1,4 +1,5 @@
 """Screening prompts (term rules) and generated images (an NSFW classifier) before serving."""
+from bot.core.models import Verdict
 from moderation.image import (
     EXPOSED_LABELS,
     NUDENET_LABELS,
@@ -9,7 +10,6 @@ from moderation.image import (
     judge_detections,
 )
 from moderation.prompt import DEFAULT_PROMPT_RULES, PromptRule, PromptScreen
-from bot.core.models import Verdict
 
 __all__ = [
     "DEFAULT_PROMPT_RULES",

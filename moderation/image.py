@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping, Protocol
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from bot.core.models import ALLOWED, Verdict
 

@@ -6,16 +6,17 @@ import asyncio
 import copy
 import io
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from PIL import Image
 
 from bot.bootstrap import App
 from bot.config import settings_from_dict
-from bot.discord_bot.client import EaselClient
 from bot.core.models import GeneratedImage, GenerationRequest, ModelSpec
+from bot.discord_bot.client import EaselClient
 from moderation import NoImageScreen, Verdict
 from tests.fakes.discord_server import EPHEMERAL, FakeDiscord, FakeInteraction, StoredMessage
 from tests.fakes.generators import PreparedGenerator
@@ -115,7 +116,7 @@ class RunningBot:
         await asyncio.wait_for(asyncio.gather(self.runner, return_exceptions=True), 5)
         await self.app.close()
 
-    async def restarted(self) -> "RunningBot":
+    async def restarted(self) -> RunningBot:
         """Close this bot and start a new App and client on the same database and images."""
         await self.close()
         return await start_bot(self.fake, config=self.config, generator=self.generator,

@@ -34,7 +34,6 @@ from generators.download import (
 from generators.openai_images import OpenAIImages
 from generators.replicate_flux import ReplicateFlux
 from generators.together_flux import TogetherFlux
-from tests.helpers import generation_request
 from tests.fakes.providers import (
     HTML_ERROR_PAGE,
     FakeOpenAI,
@@ -49,6 +48,7 @@ from tests.fakes.providers import (
     replicate_error,
     truncated_png,
 )
+from tests.helpers import generation_request
 
 PROMPT = "a red fox asleep in fresh snow, watercolour"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,9 +7,8 @@ import logging
 import pytest
 
 from bot.config import settings_from_dict
-from moderation import NoImageScreen
 from bot.core.models import usd_to_micros
-from tests.helpers import job_request, start_app
+from moderation import NoImageScreen
 from tests.fakes.providers import (
     HTML_ERROR_PAGE,
     FakeOpenAI,
@@ -19,6 +18,7 @@ from tests.fakes.providers import (
     Outcome,
     openai_error,
 )
+from tests.helpers import job_request, start_app
 
 
 @pytest.fixture

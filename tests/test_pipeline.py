@@ -8,11 +8,10 @@ import os
 import pytest
 
 from bot.config import settings_from_dict
-from bot.core.models import ContentPolicyError, GeneratorError, TransientGeneratorError
+from bot.core.models import ContentPolicyError, GeneratorError, TransientGeneratorError, usd_to_micros
 from moderation import NoImageScreen, Verdict
-from bot.core.models import usd_to_micros
-from tests.helpers import job_request, start_app
 from tests.fakes.generators import PreparedGenerator, png_bytes
+from tests.helpers import job_request, start_app
 
 
 class BlockEverything:
@@ -121,6 +120,7 @@ async def test_unusable_output_is_rejected_and_refunded(tmp_path, bad, reason):
 
 async def test_blank_output_is_rejected(tmp_path):
     import io
+
     from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "black").save(buf, format="PNG")

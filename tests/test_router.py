@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.core.routing import CircuitBreaker, RetryPolicy, Router, UnknownModel
 from bot.core.models import GeneratorError, TransientGeneratorError
+from bot.core.routing import CircuitBreaker, RetryPolicy, Router, UnknownModel
 from tests.fakes.generators import PreparedGenerator
 from tests.helpers import generation_request
 

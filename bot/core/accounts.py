@@ -41,8 +41,15 @@ class Report:
 
 
 class Accounts:
-    def __init__(self, policy: Policy, ledger: Ledger, jobs: JobStore, preferences: Preferences,
-                 router: Router, clock: Clock):
+    def __init__(
+        self,
+        policy: Policy,
+        ledger: Ledger,
+        jobs: JobStore,
+        preferences: Preferences,
+        router: Router,
+        clock: Clock,
+    ):
         self.policy, self.ledger, self.jobs = policy, ledger, jobs
         self.preferences, self.router, self.clock = preferences, router, clock
 
@@ -54,16 +61,26 @@ class Accounts:
         period, since = self._since(period)
 
         def read() -> Usage:
-            return Usage(self.ledger.balance(user_id), self.ledger.spent_since(user_id, since),
-                         period, self.jobs.list(user_id=user_id, limit=recent))
+            return Usage(
+                self.ledger.balance(user_id),
+                self.ledger.spent_since(user_id, since),
+                period,
+                self.jobs.list(user_id=user_id, limit=recent),
+            )
 
         return await asyncio.to_thread(read)
 
     async def user_settings(self, user_id: str) -> UserSettings:
         return await asyncio.to_thread(self.preferences.user, user_id)
 
-    async def change_settings(self, user_id: str, *, model: str | None = None,
-                              aspect: str | None = None, private: bool | None = None) -> UserSettings:
+    async def change_settings(
+        self,
+        user_id: str,
+        *,
+        model: str | None = None,
+        aspect: str | None = None,
+        private: bool | None = None,
+    ) -> UserSettings:
         """Change what is given (a CLEAR word resets it); Refusal(USAGE) for a bad value."""
         try:
             if model is not None and model.lower() not in CLEAR:
@@ -75,8 +92,12 @@ class Accounts:
 
         def change() -> UserSettings:
             current = self.preferences.user(user_id)
-            updated = UserSettings(user_id, _pick(model, current.model), _pick(aspect, current.aspect),
-                                   current.private if private is None else private)
+            updated = UserSettings(
+                user_id,
+                _pick(model, current.model),
+                _pick(aspect, current.aspect),
+                current.private if private is None else private,
+            )
             if updated != current:
                 self.preferences.set_user(updated)
             return updated
@@ -99,8 +120,12 @@ class Accounts:
 
         def read() -> Report:
             cap = self.preferences.guild(guild_id).spend_cap_micros if guild_id else None
-            return Report(period, self.ledger.top_spenders(since, guild_id=guild_id),
-                          self.ledger.spend_by_provider(since, guild_id=guild_id), cap)
+            return Report(
+                period,
+                self.ledger.top_spenders(since, guild_id=guild_id),
+                self.ledger.spend_by_provider(since, guild_id=guild_id),
+                cap,
+            )
 
         return await asyncio.to_thread(read)
 

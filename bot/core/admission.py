@@ -4,6 +4,7 @@ generator, served fairly across users.
 Waiting jobs are granted slots round-robin by user, so one user's ten requests do not starve
 another's one: each user with waiting jobs gets a turn before anyone gets a second.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -40,15 +40,25 @@ class Ending:
 
 
 class Billing:
-    def __init__(self, policy: Policy, router: Router, uow: UnitOfWork, ledger: Ledger,
-                 jobs: JobStore, preferences: Preferences, clock: Clock):
+    def __init__(
+        self,
+        policy: Policy,
+        router: Router,
+        uow: UnitOfWork,
+        ledger: Ledger,
+        jobs: JobStore,
+        preferences: Preferences,
+        clock: Clock,
+    ):
         self.policy, self.router, self.uow, self.ledger = policy, router, uow, ledger
         self.jobs, self.preferences, self.clock = jobs, preferences, clock
 
     def estimate_micros(self, plan: Plan) -> int:
         """Enough for whichever model ends up serving: the route or one of its fallbacks."""
-        return max(usd_to_micros(r.generator.estimate_cost(g))
-                   for r, g in self.router.candidates(plan.route, plan.request))
+        return max(
+            usd_to_micros(r.generator.estimate_cost(g))
+            for r, g in self.router.candidates(plan.route, plan.request)
+        )
 
     async def reserve(self, job: JobRecord, plan: Plan, estimate: int) -> None:
         """Hold the estimate or raise a BudgetRefusal. A cancelled caller still lets a started
@@ -81,14 +91,22 @@ class Billing:
 
     def _finish(self, job: JobRecord, end: Ending) -> JobOutcome:
         started = time.perf_counter()
-        values: dict[str, Any] = dict(status=end.status, error=end.error, error_code=end.code,
-                                      finished_at=self.clock.time(), timings=end.timings)
+        values: dict[str, Any] = dict(
+            status=end.status,
+            error=end.error,
+            error_code=end.code,
+            finished_at=self.clock.time(),
+            timings=end.timings,
+        )
         result = end.result
         if result is not None:
             values.update(
-                params=job.params.but(model=result.model, seed=result.seed,
-                                      size=(result.width, result.height)),
-                provider=result.provider, revised_prompt=result.revised_prompt, note=result.note,
+                params=job.params.but(
+                    model=result.model, seed=result.seed, size=(result.width, result.height)
+                ),
+                provider=result.provider,
+                revised_prompt=result.revised_prompt,
+                note=result.note,
             )
         if end.stored is not None:
             values.update(sha256=end.stored.key, image_url=end.stored.url)
@@ -96,16 +114,21 @@ class Billing:
             if end.charge:
                 billed = result.cost_usd if result is not None else None
                 current = self.jobs.get(job.id)
-                actual = (current.estimate_micros if current else 0) if billed is None \
-                    else usd_to_micros(billed)
+                actual = (
+                    (current.estimate_micros if current else 0) if billed is None else usd_to_micros(billed)
+                )
                 values["cost_micros"] = self.ledger.settle(
-                    job.id, actual, provider=result.provider if result is not None else None)
+                    job.id, actual, provider=result.provider if result is not None else None
+                )
             else:
                 self.ledger.release(job.id)
             end.timings["record"] = round((time.perf_counter() - started) * 1000, 3)
             self.jobs.update(job.id, **values)
         return JobOutcome(
-            status=end.status, job=self.jobs.get(job.id), error=end.error, error_code=end.code,
+            status=end.status,
+            job=self.jobs.get(job.id),
+            error=end.error,
+            error_code=end.code,
             image_path=str(end.stored.path) if end.stored and end.stored.path else None,
             balance_usd=micros_to_usd(self.ledger.balance(job.user_id).available_micros),
         )

@@ -4,6 +4,7 @@ Anything that looks like a flag (`--word`) must be one we know, with a well-form
 is a clear error, never silently left in the prompt. Phones often turn `--` into an em or en dash,
 so those are read as `--` too.
 """
+
 from __future__ import annotations
 
 import re
@@ -113,9 +114,7 @@ def parse_flags(text: str) -> ParsedPrompt:
             raise FlagError(f"--{flag} needs a value")
         if name != "negative_prompt" and len(raw.split()) > 1:
             # Text after a single-valued flag would otherwise vanish from the prompt.
-            raise FlagError(
-                f"--{flag} takes one value, but got {raw!r}; put flags after the prompt"
-            )
+            raise FlagError(f"--{flag} takes one value, but got {raw!r}; put flags after the prompt")
         values[name] = _parse_value(name, raw)
     options = {name: values.pop(name) for name in OPTION_FLAGS if name in values}
     return ParsedPrompt(prompt=" ".join(prompt.split()), options=options, **values)  # type: ignore[arg-type]

@@ -353,8 +353,7 @@ class ModelSpec:
             if key not in self.options:
                 known = "; ".join(f"{k}: {'|'.join(v)}" for k, v in self.options.items())
                 raise UnsupportedRequest(
-                    f"{self.name} has no option {key!r}"
-                    + (f" (its options: {known})" if known else "")
+                    f"{self.name} has no option {key!r}" + (f" (its options: {known})" if known else "")
                 )
             if value not in self.options[key]:
                 raise UnsupportedRequest(

@@ -172,9 +172,7 @@ class Planner:
 
     # ---- models and sizes -------------------------------------------------------------------
 
-    def _candidates(
-        self, model: str | None, request: JobRequest, source: JobRecord | None
-    ) -> list[Route]:
+    def _candidates(self, model: str | None, request: JobRequest, source: JobRecord | None) -> list[Route]:
         """The models that may serve: those the name leads to; without a name, the first of the
         source's model, the guild's default and the server's default that can do the request,
         else any model that can."""
@@ -186,11 +184,13 @@ class Planner:
             if capable:
                 model = capable[0]
             else:
-                routes = [self.router.resolve(s.name) for s in self.router.models()
-                          if request.kind in s.kinds]
+                routes = [
+                    self.router.resolve(s.name) for s in self.router.models() if request.kind in s.kinds
+                ]
                 if routes:
                     return routes
                 model = self.policy.default_model
+        assert model is not None
         try:
             return self.router.routes_for(model)
         except UnknownModel as exc:

@@ -5,6 +5,7 @@ in a worker thread, never on the event loop."""
 
 from __future__ import annotations
 
+import builtins
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,16 +43,17 @@ class JobStore(Protocol):
 
     def latest_done(self, user_id: str) -> JobRecord | None: ...
 
-    def list(self, *, user_id: str | None = None, limit: int = 20) -> list[JobRecord]: ...
+    def list(self, *, user_id: str | None = None, limit: int = 20) -> builtins.list[JobRecord]: ...
 
-    def unfinished(self) -> list[JobRecord]: ...
+    def unfinished(self) -> builtins.list[JobRecord]: ...
 
 
 class Ledger(Protocol):
     def balance(self, user_id: str) -> Balance: ...
 
-    def reserve(self, user_id: str, job_id: int, amount_micros: int, caps: Caps,
-                provider: str | None = None) -> Balance:
+    def reserve(
+        self, user_id: str, job_id: int, amount_micros: int, caps: Caps, provider: str | None = None
+    ) -> Balance:
         """Hold the amount, or raise a BudgetRefusal and hold nothing."""
         ...
 
@@ -161,4 +163,3 @@ class Generator(Protocol):
     ) -> GeneratedImage: ...
 
     async def close(self) -> None: ...
-

@@ -37,8 +37,7 @@ def normalise(request: JobRequest, max_prompt_chars: int) -> Normalised:
         parsed = parse_flags(asked.prompt)
     except FlagError as exc:
         raise Refusal(ErrorCode.USAGE, str(exc)) from None
-    merged = {name: _pick(getattr(parsed, name), getattr(asked, name), what)
-              for name, what in _TWICE.items()}
+    merged = {name: _pick(getattr(parsed, name), getattr(asked, name), what) for name, what in _TWICE.items()}
     seed = merged["seed"]
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise Refusal(ErrorCode.USAGE, f"the seed must be a whole number from 0 to {MAX_SEED}")

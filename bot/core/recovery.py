@@ -29,8 +29,15 @@ def owner_alive(owner: str) -> bool:
     return True
 
 
-def recover(jobs: JobStore, ledger: Ledger, uow: UnitOfWork, clock: Clock, *, owner: str,
-            alive: Callable[[str], bool] = owner_alive) -> list[int]:
+def recover(
+    jobs: JobStore,
+    ledger: Ledger,
+    uow: UnitOfWork,
+    clock: Clock,
+    *,
+    owner: str,
+    alive: Callable[[str], bool] = owner_alive,
+) -> list[int]:
     """Fail and refund the unfinished jobs of dead owners; returns their ids. Jobs of a live
     process (another `easel` on this host) are left alone."""
     recovered = []
@@ -40,14 +47,16 @@ def recover(jobs: JobStore, ledger: Ledger, uow: UnitOfWork, clock: Clock, *, ow
         with uow.transaction():
             ledger.release(job.id)
             jobs.update(
-                job.id, status=JobStatus.FAILED, error_code=ErrorCode.INTERRUPTED,
+                job.id,
+                status=JobStatus.FAILED,
+                error_code=ErrorCode.INTERRUPTED,
                 finished_at=clock.time(),
                 error="interrupted: easel stopped before the job finished; nothing was charged",
             )
         recovered.append(job.id)
     # A reservation whose job already ended can only be a leftover from a crash: give it back.
     for job_id in ledger.held_job_ids():
-        job = jobs.get(job_id)
-        if job is None or job.status.final:
+        held = jobs.get(job_id)
+        if held is None or held.status.final:
             ledger.release(job_id)
     return recovered

@@ -1,5 +1,6 @@
 """Which generator serves a model, and calling it: retries for transient failures, a circuit
 breaker per provider, and a configured fallback model while a provider is down."""
+
 from __future__ import annotations
 
 import asyncio
@@ -115,8 +116,9 @@ class Router:
                     if routes and routes[0].spec.name.lower() == alias.lower():
                         continue  # a model's own name wins over another's alias
                     routes.append(Route(gen, spec))
-        self.breakers = {g.provider: CircuitBreaker(breaker_failures, breaker_cooldown_s, clock)
-                         for g in generators}
+        self.breakers = {
+            g.provider: CircuitBreaker(breaker_failures, breaker_cooldown_s, clock) for g in generators
+        }
         self.fallbacks: dict[str, str] = {}
         for model, fallback in (fallbacks or {}).items():
             if model.lower() in self._routes and fallback.lower() in self._routes:
@@ -152,7 +154,8 @@ class Router:
 
     def cheapest(self, options: list[tuple[Route, GenerationRequest]]) -> tuple[Route, GenerationRequest]:
         """Of the models that could serve a request, a healthy one with the lowest estimate."""
-        def key(option):
+
+        def key(option: tuple[Route, GenerationRequest]) -> tuple[bool, float]:
             route, request = option
             return (not self.healthy(route), route.generator.estimate_cost(request))
 
@@ -186,7 +189,8 @@ class Router:
             breaker = self.breakers[candidate.generator.provider]
             if not breaker.allow():
                 last = last or TransientGeneratorError(
-                    f"{candidate.generator.provider} is out of rotation after repeated failures")
+                    f"{candidate.generator.provider} is out of rotation after repeated failures"
+                )
                 continue
             try:
                 result = await self._with_retries(candidate, req, progress)
@@ -202,8 +206,9 @@ class Router:
         assert last is not None
         raise last
 
-    async def _with_retries(self, route: Route, request: GenerationRequest,
-                            progress: ProgressCallback | None) -> GeneratedImage:
+    async def _with_retries(
+        self, route: Route, request: GenerationRequest, progress: ProgressCallback | None
+    ) -> GeneratedImage:
         attempt = 0
         while True:
             try:

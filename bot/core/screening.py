@@ -28,9 +28,7 @@ class Screening:
             image = await asyncio.to_thread(self.codec.decode, gen.source_image)
             verdict = await asyncio.to_thread(self.images.screen_image, image.image, nsfw_channel=nsfw)
             if not verdict.allowed:
-                raise Refusal(
-                    ErrorCode.BLOCKED, f"the uploaded image: {verdict.reason}", JobStatus.BLOCKED
-                )
+                raise Refusal(ErrorCode.BLOCKED, f"the uploaded image: {verdict.reason}", JobStatus.BLOCKED)
 
     async def validate(self, result: GeneratedImage, gen: GenerationRequest) -> DecodedImage:
         """The decoded output; a failing Refusal when it is not a usable image of the size asked."""
@@ -43,9 +41,7 @@ class Screening:
 
     async def output_blocked(self, checked: DecodedImage, nsfw_channel: bool) -> str | None:
         """Why the image screen blocks an output, or None when it may be shown."""
-        verdict = await asyncio.to_thread(
-            self.images.screen_image, checked.image, nsfw_channel=nsfw_channel
-        )
+        verdict = await asyncio.to_thread(self.images.screen_image, checked.image, nsfw_channel=nsfw_channel)
         return None if verdict.allowed else (verdict.reason or "blocked")
 
     def preview_allowed(self, png: bytes, nsfw_channel: bool) -> bool:
@@ -64,7 +60,5 @@ class Screening:
             )
         want, got = gen.width / gen.height, checked.width / checked.height
         if abs(got - want) / want > ASPECT_TOLERANCE:
-            raise self.codec.rejected(
-                f"it is {checked.width}x{checked.height}, not {gen.width}x{gen.height}"
-            )
+            raise self.codec.rejected(f"it is {checked.width}x{checked.height}, not {gen.width}x{gen.height}")
         return checked

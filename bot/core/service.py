@@ -44,9 +44,20 @@ log = logging.getLogger(__name__)
 
 
 class EaselService:
-    def __init__(self, *, policy: Policy, planner: Planner, screening: Screening, billing: Billing,
-                 admission: Admission, router: Router, jobs: JobStore, blobs: BlobStore,
-                 codec: ImageCodec, owner: str):
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        planner: Planner,
+        screening: Screening,
+        billing: Billing,
+        admission: Admission,
+        router: Router,
+        jobs: JobStore,
+        blobs: BlobStore,
+        codec: ImageCodec,
+        owner: str,
+    ):
         self.policy, self.planner, self.screening, self.billing = policy, planner, screening, billing
         self.admission, self.router, self.jobs, self.blobs = admission, router, jobs, blobs
         self.codec, self.owner = codec, owner
@@ -54,8 +65,9 @@ class EaselService:
 
     # ---- what front ends ask for --------------------------------------------------------------
 
-    async def imagine(self, request: JobRequest, count: int = 1,
-                      on_event: EventSink | None = None) -> list[JobOutcome]:
+    async def imagine(
+        self, request: JobRequest, count: int = 1, on_event: EventSink | None = None
+    ) -> list[JobOutcome]:
         """`count` images of one request; with a seed, image i gets seed + i."""
         try:
             asked = normalise(request, self.policy.max_prompt_chars)
@@ -64,13 +76,22 @@ class EaselService:
         if count == 1:
             return [await self._run(request, asked, on_event)]
         group = replace(request, group=request.group or f"request:{id(request)}")
-        seeds = [None if asked.params.seed is None else (asked.params.seed + i) % (MAX_SEED + 1)
-                 for i in range(count)]
-        return list(await asyncio.gather(*[
-            self._run(group, Normalised(asked.params.but(seed=seed), asked.aspect),
-                      on_event if i == 0 else None)
-            for i, seed in enumerate(seeds)
-        ]))
+        seeds = [
+            None if asked.params.seed is None else (asked.params.seed + i) % (MAX_SEED + 1)
+            for i in range(count)
+        ]
+        return list(
+            await asyncio.gather(
+                *[
+                    self._run(
+                        group,
+                        Normalised(asked.params.but(seed=seed), asked.aspect),
+                        on_event if i == 0 else None,
+                    )
+                    for i, seed in enumerate(seeds)
+                ]
+            )
+        )
 
     async def submit(self, request: JobRequest, on_event: EventSink | None = None) -> JobOutcome:
         """One job of any kind: an edit, a variation or upscale of a job or an upload."""
@@ -80,14 +101,14 @@ class EaselService:
             return _refused(exc)
         return await self._run(request, asked, on_event)
 
-    async def reroll(self, job_id: int, requester: Requester,
-                     on_event: EventSink | None = None) -> JobOutcome:
+    async def reroll(
+        self, job_id: int, requester: Requester, on_event: EventSink | None = None
+    ) -> JobOutcome:
         """The job's request again with a new seed, charged to `requester`."""
         job = await asyncio.to_thread(self.jobs.get, job_id)
         if job is None:
             return _refused(Refusal(ErrorCode.NOT_FOUND, f"there is no job {job_id}"))
-        return await self.submit(await asyncio.to_thread(self._reroll_request, job, requester),
-                                 on_event)
+        return await self.submit(await asyncio.to_thread(self._reroll_request, job, requester), on_event)
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job; True if it was in flight here."""
@@ -102,8 +123,7 @@ class EaselService:
 
     # ---- the one path -------------------------------------------------------------------------
 
-    async def _run(self, request: JobRequest, asked: Normalised,
-                   on_event: EventSink | None) -> JobOutcome:
+    async def _run(self, request: JobRequest, asked: Normalised, on_event: EventSink | None) -> JobOutcome:
         watch = _Stopwatch()
         try:
             with watch("prepare"):
@@ -113,7 +133,7 @@ class EaselService:
         job = await asyncio.to_thread(self._create, request, plan)
         task = asyncio.current_task()
         if task is not None:
-            self._tasks[job.id] = task  # type: ignore[assignment]
+            self._tasks[job.id] = task
         try:
             return await self.billing.finish(job, await self._steps(job, request, plan, watch, on_event))
         except asyncio.CancelledError:
@@ -123,8 +143,9 @@ class EaselService:
         finally:
             self._tasks.pop(job.id, None)
 
-    async def _steps(self, job: JobRecord, request: JobRequest, plan: Plan, watch: _Stopwatch,
-                     on_event: EventSink | None) -> Ending:
+    async def _steps(
+        self, job: JobRecord, request: JobRequest, plan: Plan, watch: _Stopwatch, on_event: EventSink | None
+    ) -> Ending:
         nsfw = request.requester.nsfw_channel
         try:
             with watch("screen_prompt"):
@@ -144,9 +165,14 @@ class EaselService:
             with watch("screen_image"):
                 blocked = await self.screening.output_blocked(checked, nsfw)
             if blocked:  # never stored or shown
-                return Ending(JobStatus.BLOCKED, ErrorCode.BLOCKED, f"the result was blocked: {blocked}",
-                              charge=self.policy.blocked_outputs_are_paid, result=result,
-                              timings=watch.ms)
+                return Ending(
+                    JobStatus.BLOCKED,
+                    ErrorCode.BLOCKED,
+                    f"the result was blocked: {blocked}",
+                    charge=self.policy.blocked_outputs_are_paid,
+                    result=result,
+                    timings=watch.ms,
+                )
             with watch("store"):
                 stored = await self._store(result, checked)
             return Ending(JobStatus.DONE, charge=True, result=result, stored=stored, timings=watch.ms)
@@ -156,12 +182,15 @@ class EaselService:
             return Ending(exc.status, exc.code, str(exc), timings=watch.ms)
         except Exception as exc:  # a bug must refund too, and leave a trace
             log.exception("job %s failed unexpectedly", job.id)
-            return Ending(JobStatus.FAILED, ErrorCode.FAILED,
-                          f"internal error ({exc.__class__.__name__})", timings=watch.ms)
+            return Ending(
+                JobStatus.FAILED,
+                ErrorCode.FAILED,
+                f"internal error ({exc.__class__.__name__})",
+                timings=watch.ms,
+            )
 
     async def _generate(self, job: JobRecord, plan: Plan, on_event: EventSink | None) -> GeneratedImage:
-        await asyncio.to_thread(self.jobs.update, job.id, status=JobStatus.RUNNING,
-                                started_at=time.time())
+        await asyncio.to_thread(self.jobs.update, job.id, status=JobStatus.RUNNING, started_at=time.time())
         loop = asyncio.get_running_loop()
         if on_event is not None:
             on_event(JobEvent(job.id, EventState.RUNNING))
@@ -173,14 +202,19 @@ class EaselService:
 
         name, timeout = plan.route.spec.name, self.policy.job_timeout_s
         try:
-            return await asyncio.wait_for(self.router.generate(plan.route, plan.request, progress),
-                                          timeout=timeout)
+            return await asyncio.wait_for(
+                self.router.generate(plan.route, plan.request, progress), timeout=timeout
+            )
         except ContentPolicyError as exc:
-            raise Refusal(ErrorCode.BLOCKED, f"the provider refused this request on content "
-                          f"grounds: {exc}", JobStatus.BLOCKED) from None
+            raise Refusal(
+                ErrorCode.BLOCKED,
+                f"the provider refused this request on content grounds: {exc}",
+                JobStatus.BLOCKED,
+            ) from None
         except TimeoutError:
-            raise Refusal(ErrorCode.FAILED, f"{name} took longer than {timeout:g}s",
-                          JobStatus.FAILED) from None
+            raise Refusal(
+                ErrorCode.FAILED, f"{name} took longer than {timeout:g}s", JobStatus.FAILED
+            ) from None
         except GeneratorError as exc:
             raise Refusal(ErrorCode.FAILED, f"{name} failed: {exc}", JobStatus.FAILED) from None
 
@@ -189,10 +223,17 @@ class EaselService:
     def _create(self, request: JobRequest, plan: Plan) -> JobRecord:
         who = request.requester
         return self.jobs.create(
-            kind=plan.request.kind, status=JobStatus.QUEUED, user_id=who.user_id,
-            guild_id=who.guild_id, channel_id=who.channel_id, nsfw_channel=who.nsfw_channel,
-            params=plan.request.params, provider=plan.route.spec.provider,
-            source_job_id=plan.source.id if plan.source else None, owner=self.owner)
+            kind=plan.request.kind,
+            status=JobStatus.QUEUED,
+            user_id=who.user_id,
+            guild_id=who.guild_id,
+            channel_id=who.channel_id,
+            nsfw_channel=who.nsfw_channel,
+            params=plan.request.params,
+            provider=plan.route.spec.provider,
+            source_job_id=plan.source.id if plan.source else None,
+            owner=self.owner,
+        )
 
     async def _keep_uploads(self, job: JobRecord, request: JobRequest, plan: Plan) -> None:
         """Store uploaded inputs next to the results, so that the job can be made again."""
@@ -205,8 +246,7 @@ class EaselService:
             await asyncio.to_thread(self.jobs.update, job.id, **kept)
 
     async def _store(self, result: GeneratedImage, checked: DecodedImage) -> StoredBlob:
-        data = result.data if result.format == "png" else \
-            await asyncio.to_thread(self.codec.to_png, checked)
+        data = result.data if result.format == "png" else await asyncio.to_thread(self.codec.to_png, checked)
         return await asyncio.to_thread(self.blobs.put, data)
 
     def _reroll_request(self, job: JobRecord, requester: Requester) -> JobRequest:
@@ -218,8 +258,9 @@ class EaselService:
         if job.kind == Kind.EDIT:
             return JobRequest(Kind.EDIT, requester, params.but(size=None), image=source, mask=mask)
         # A variation or upscale starts again from the same job or upload.
-        return JobRequest(job.kind, requester, params.but(size=None),
-                          source_job_id=job.source_job_id, image=source)
+        return JobRequest(
+            job.kind, requester, params.but(size=None), source_job_id=job.source_job_id, image=source
+        )
 
 
 def _refused(exc: Refusal) -> JobOutcome:

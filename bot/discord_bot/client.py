@@ -31,7 +31,7 @@ def intents() -> discord.Intents:
     return wanted
 
 
-def build_tree(client: "EaselClient") -> app_commands.CommandTree:
+def build_tree(client: EaselClient) -> app_commands.CommandTree:
     tree = app_commands.CommandTree(client)
     front = client.frontend
 

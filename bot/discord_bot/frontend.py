@@ -7,7 +7,7 @@ import io
 import logging
 import re
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import discord
 
@@ -23,6 +23,7 @@ from ..core.models import (
     Kind,
     Refusal,
     Requester,
+    UserSettings,
     micros_to_usd,
     usd_to_micros,
 )

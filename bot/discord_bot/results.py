@@ -39,7 +39,7 @@ class ResultButton(discord.ui.DynamicItem[discord.ui.Button], template=r"easel:(
         self.action, self.job_id = action, job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction, item, match: re.Match) -> "ResultButton":
+    async def from_custom_id(cls, interaction, item, match: re.Match) -> ResultButton:
         return cls(match["action"], int(match["job"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:

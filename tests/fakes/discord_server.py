@@ -44,7 +44,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import IntFlag
 from typing import Any
 from urllib.parse import quote
@@ -133,7 +133,7 @@ _CURRENT_USER_EXTRAS = {"verified": True, "mfa_enabled": False, "flags": 0, "loc
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 # --------------------------------------------------------------------------------------------

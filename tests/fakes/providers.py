@@ -21,8 +21,9 @@ import struct
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 from PIL import Image
@@ -274,7 +275,7 @@ class FakeServer:
         """Sleep, but stop early when the server stops (so a hanging reply ends with the test)."""
         try:
             await asyncio.wait_for(self._stopping.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _serve_file(self, request: web.Request) -> web.StreamResponse:
