@@ -1,0 +1,190 @@
+"""The core service on in-memory ports: no SQLite, no files, no images decoded."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bot.core.accounts import Accounts
+from bot.core.admission import Admission
+from bot.core.billing import Billing
+from bot.core.models import (
+    ErrorCode,
+    GeneratedImage,
+    GeneratorError,
+    JobStatus,
+    Kind,
+    ModelSpec,
+    Requester,
+    usd_to_micros,
+)
+from bot.core.planning import Planner
+from bot.core.policy import Policy
+from bot.core.recovery import recover
+from bot.core.routing import RetryPolicy, Router
+from bot.core.screening import Screening
+from bot.core.service import EaselService
+from tests.fakes.ports import (
+    AllowImages,
+    FakeCodec,
+    FixedClock,
+    MemoryBlobs,
+    MemoryJobs,
+    MemoryLedger,
+    MemoryPreferences,
+    MemoryUnitOfWork,
+    TermScreen,
+    fake_image,
+)
+from tests.helpers import job_request
+
+PRICE = 0.01
+
+
+class MemoryGenerator:
+    provider = "mem"
+
+    def __init__(self, *, delay_s: float = 0.0, fail: Exception | None = None):
+        self.delay_s, self.fail, self.calls = delay_s, fail, []
+
+    def models(self):
+        return [ModelSpec(name="m", provider="mem", kinds=frozenset(Kind), options={"sampler": ("a", "b")})]
+
+    def unavailable_reason(self):
+        return None
+
+    def estimate_cost(self, request):
+        return PRICE
+
+    async def generate(self, request, progress=None):
+        self.calls.append(request)
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise self.fail
+        return GeneratedImage(fake_image(request.width, request.height, str(request.seed)),
+                              request.width, request.height, "m", "mem", request.seed)
+
+    async def close(self):
+        pass
+
+
+class Core:
+    def __init__(self, generator, *, allowance=1.0, max_requests=2):
+        self.policy = Policy(
+            default_model="m", max_prompt_chars=100, default_strength=0.6, upscale_factor=2,
+            job_timeout_s=5.0, max_upload_bytes=1000, max_upload_pixels=10**6,
+            max_requests_per_user=max_requests, blocked_outputs_are_paid=False,
+            daily_spend_cap_micros=0, budget_period="month")
+        self.generator, self.clock = generator, FixedClock()
+        self.jobs, self.ledger, self.blobs = MemoryJobs(), MemoryLedger(usd_to_micros(allowance)), MemoryBlobs()
+        self.prefs, self.uow, codec = MemoryPreferences(), MemoryUnitOfWork(), FakeCodec()
+        router = Router([generator], retry=RetryPolicy(attempts=1))
+        self.screening = Screening(TermScreen(), AllowImages(), codec)
+        self.service = EaselService(
+            policy=self.policy, planner=Planner(self.policy, router, self.jobs, self.blobs, codec, self.prefs,
+                                                random_seed=lambda: 1234),
+            screening=self.screening,
+            billing=Billing(self.policy, router, self.uow, self.ledger, self.jobs, self.prefs, self.clock),
+            admission=Admission({"mem": 1}, max_requests), router=router, jobs=self.jobs,
+            blobs=self.blobs, codec=codec, owner="test:1")
+        self.accounts = Accounts(self.policy, self.ledger, self.jobs, self.prefs, router, self.clock)
+
+    def available(self, user="u1"):
+        return self.ledger.balance(user).available_micros
+
+
+async def test_a_done_job_is_stored_and_charged_once():
+    core = Core(MemoryGenerator())
+    (out,) = await core.service.imagine(job_request("imagine", "u1", "a fox --seed 5"))
+    assert out.ok and out.job.seed == 5 and out.job.sha256 in core.blobs.data
+    assert core.available() == usd_to_micros(1.0 - PRICE) and not core.ledger.held
+
+
+async def test_inline_seed_in_any_case_gives_consecutive_seeds_for_count():
+    core = Core(MemoryGenerator(), max_requests=1)
+    outs = await core.service.imagine(job_request("imagine", "u1", "a castle --Seed 42"), count=2)
+    assert [o.status for o in outs] == [JobStatus.DONE, JobStatus.DONE]
+    assert sorted(o.job.seed for o in outs) == [42, 43]  # one group: the limit of 1 holds both
+
+
+async def test_a_chosen_seed_is_recorded():
+    core = Core(MemoryGenerator())
+    out = await core.service.submit(job_request("imagine", "u1", "a fox"))
+    assert out.job.seed == 1234 and core.generator.calls[0].seed == 1234
+
+
+async def test_over_budget_is_refused_before_generating():
+    gen = MemoryGenerator()
+    core = Core(gen, allowance=0.001)
+    out = await core.service.submit(job_request("imagine", "u1", "a fox"))
+    assert out.error_code == ErrorCode.OVER_BUDGET and gen.calls == []
+    assert core.available() == usd_to_micros(0.001)
+
+
+async def test_blocked_prompt_reaches_no_generator_and_costs_nothing():
+    gen = MemoryGenerator()
+    core = Core(gen)
+    out = await core.service.submit(job_request("imagine", "u1", "a forbidden thing"))
+    assert out.status == JobStatus.BLOCKED and out.error == "the test rule" and gen.calls == []
+    assert core.available() == usd_to_micros(1.0)
+
+
+async def test_a_failing_generator_releases_the_reservation():
+    core = Core(MemoryGenerator(fail=GeneratorError("boom")))
+    out = await core.service.submit(job_request("imagine", "u1", "a fox"))
+    assert out.status == JobStatus.FAILED and "boom" in out.error
+    assert core.available() == usd_to_micros(1.0) and not core.ledger.held
+
+
+async def test_cancelling_a_running_job_refunds_it():
+    core = Core(MemoryGenerator(delay_s=5))
+    task = asyncio.create_task(core.service.submit(job_request("imagine", "u1", "a fox")))
+    await asyncio.sleep(0.05)
+    (job_id,) = core.jobs.rows
+    assert await core.service.cancel(job_id)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert core.jobs.get(job_id).status == JobStatus.CANCELLED and core.available() == usd_to_micros(1.0)
+
+
+async def test_an_option_the_model_lacks_is_refused_before_reserving():
+    core = Core(MemoryGenerator())
+    out = await core.service.submit(job_request("imagine", "u1", "a fox --quality hd"))
+    assert out.error_code == ErrorCode.USAGE and "has no option 'quality'" in out.error
+    assert core.jobs.rows == {}
+
+
+async def test_reroll_repeats_the_request_with_a_new_seed_for_the_clicker():
+    core = Core(MemoryGenerator())
+    first = await core.service.submit(job_request("imagine", "u1", "a fox --seed 5 --sampler b"))
+    again = await core.service.reroll(first.job.id, Requester("u2"))
+    assert again.ok and again.job.user_id == "u2" and again.job.prompt == "a fox"
+    assert again.job.options == {"sampler": "b"} and again.job.seed == 1234
+    assert core.available("u2") == usd_to_micros(1.0 - PRICE)
+
+
+async def test_variation_takes_the_default_strength_from_the_policy():
+    gen = MemoryGenerator()
+    core = Core(gen)
+    first = await core.service.submit(job_request("imagine", "u1", "a fox"))
+    var = await core.service.submit(job_request("variation", "u1", source_job_id=first.job.id))
+    assert var.ok and gen.calls[1].strength == 0.6 and gen.calls[1].prompt == "a fox"
+
+
+async def test_recovery_refunds_jobs_of_a_dead_owner_only():
+    core = Core(MemoryGenerator())
+    dead = core.jobs.create(kind=Kind.IMAGINE, status=JobStatus.RUNNING, user_id="u1", owner="gone:1")
+    alive = core.jobs.create(kind=Kind.IMAGINE, status=JobStatus.RUNNING, user_id="u1", owner="here:2")
+    core.ledger.reserve("u1", dead.id, 100, None)
+    core.ledger.reserve("u1", alive.id, 100, None)
+    recovered = recover(core.jobs, core.ledger, core.uow, core.clock, owner="me:3",
+                        alive=lambda owner: owner == "here:2")
+    assert recovered == [dead.id] and core.jobs.get(dead.id).error_code == ErrorCode.INTERRUPTED
+    assert list(core.ledger.held) == [alive.id]
+
+
+async def test_settings_refuse_an_unknown_model():
+    core = Core(MemoryGenerator())
+    with pytest.raises(Exception, match="unknown model"):
+        await core.accounts.change_settings("u1", model="nope")
+    assert (await core.accounts.change_settings("u1", model="m")).model == "m"
