@@ -337,6 +337,31 @@ async def test_count_two_gives_two_results_with_consecutive_seeds(fake, make_bot
     assert sorted(c[2] for c in bot.charges(fake.user.id)) == [PRICE_MICROS, PRICE_MICROS]
 
 
+async def test_an_inline_seed_in_any_case_with_count_two_gives_consecutive_seeds(fake, make_bot):
+    """Regression: the front end once stripped `--seed` itself, case-sensitively, and refused the
+    second image of `--Seed 42` with "the seed is given twice"."""
+    bot = await make_bot()
+    interaction = await fake.send_slash_command("imagine", {"prompt": "a castle --Seed 42", "count": 2})
+    await result_of(fake, interaction, bot=bot)
+    jobs = await eventually(lambda: [j for j in bot.jobs() if j.status == "done"] if len(
+        [j for j in bot.jobs() if j.status == "done"]) == 2 else None, what="both images")
+    assert sorted(j.seed for j in jobs) == [42, 43]
+
+
+async def test_an_unexpected_error_after_defer_ends_with_a_private_message(fake, make_bot, monkeypatch):
+    """Regression: an exception escaping a command after `defer` left "thinking..." for good."""
+    bot = await make_bot()
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(bot.app.service, "imagine", broken)
+    interaction = await fake.send_slash_command("imagine", {"prompt": "a castle"})
+    text = await refusal_of(fake, interaction)
+    assert text.startswith("\u26a0\ufe0f Something went wrong on easel's side. Nothing was charged")
+    assert_nothing_charged(bot, fake.user)
+
+
 async def test_count_four_gives_four_results_within_the_default_job_limit(fake, make_bot):
     """The default max_count (4) is above the default max_jobs_per_user (2): one /imagine must not
     trip the member's own in-flight limit."""

@@ -14,6 +14,7 @@ from discord import app_commands
 
 from ..bootstrap import App
 from ..config import ConfigError, DiscordSettings, Settings
+from ..core.models import MAX_SEED
 from .frontend import Frontend
 from .results import ResultButton
 
@@ -46,7 +47,7 @@ def build_tree(client: EaselClient) -> app_commands.CommandTree:
     @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS],
                           quality=[app_commands.Choice(name=q, value=q) for q in QUALITIES])
     async def imagine(interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 4000],
-                      negative: str | None = None, seed: app_commands.Range[int, 0, 4294967295] | None = None,
+                      negative: str | None = None, seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
                       model: str | None = None, aspect: str | None = None, quality: str | None = None,
                       count: app_commands.Range[int, 1, 4] = 1):
         await front.imagine(interaction, prompt, negative, seed, model, aspect, quality, count)
@@ -63,7 +64,7 @@ def build_tree(client: EaselClient) -> app_commands.CommandTree:
                            seed="for a reproducible variation", strength="0-1: how far from the source")
     async def variation(interaction: discord.Interaction, job: str | None = None,
                         image: discord.Attachment | None = None,
-                        seed: app_commands.Range[int, 0, 4294967295] | None = None,
+                        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
                         strength: app_commands.Range[float, 0.05, 1.0] | None = None):
         await front.variation(interaction, job, image, seed, strength)
 
@@ -117,7 +118,28 @@ def build_tree(client: EaselClient) -> app_commands.CommandTree:
         await front.budget(interaction, "guild-cap", amount=amount)
 
     tree.add_command(budget)
+    tree.error(on_command_error)
     return tree
+
+
+UNEXPECTED = "\u26a0\ufe0f Something went wrong on easel's side. Nothing was charged; please try again."
+
+
+async def on_command_error(interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+    """The one handler for whatever escapes a command: the member always hears back, privately,
+    instead of looking at "thinking..." for good."""
+    log.error("/%s failed", getattr(interaction.command, "qualified_name", "?"), exc_info=error)
+    try:
+        if interaction.response.is_done():
+            try:  # the deferred "thinking..." message may be public: the failure is the member's
+                await interaction.delete_original_response()
+            except discord.HTTPException:
+                pass
+            await interaction.followup.send(UNEXPECTED, ephemeral=True)
+        else:
+            await interaction.response.send_message(UNEXPECTED, ephemeral=True)
+    except discord.HTTPException as exc:
+        log.warning("could not tell the member about the failure: %s", exc)
 
 
 class EaselClient(discord.Client):
