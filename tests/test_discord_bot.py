@@ -116,7 +116,8 @@ async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
     assert fake.unmatched_requests == []
 
     imagine = {o["name"]: o for o in commands["imagine"]["options"]}
-    assert list(imagine) == ["prompt", "negative", "seed", "model", "aspect", "quality", "count"]
+    assert list(imagine) == ["prompt", "negative", "seed", "model", "aspect", "quality", "sampler", "count"]
+    assert imagine["sampler"].get("autocomplete") is True
     assert imagine["prompt"]["required"] is True
     assert not any(o.get("required") for name, o in imagine.items() if name != "prompt")
     assert [c["value"] for c in imagine["aspect"]["choices"]] == [
@@ -275,6 +276,15 @@ async def test_a_failed_generation_is_reported_ephemerally_and_refunded(fake, ma
     [job] = bot.jobs()
     assert (job.status, job.error_code) == ("failed", "failed")
     assert [tuple(r) for r in bot.app.db.query("SELECT state, charged_micros FROM reservations")] == [("released", 0)]
+    assert_nothing_charged(bot, fake.user)
+
+
+async def test_a_sampler_the_model_does_not_take_is_refused(fake, make_bot):
+    bot = await make_bot()
+    interaction = await fake.send_slash_command("imagine", {"prompt": "a kite", "sampler": "euler_a"})
+    text = await refusal_of(fake, interaction)
+    assert text.startswith("\u2753 fake-model has no option 'sampler'"), text
+    assert bot.generator.calls == []
     assert_nothing_charged(bot, fake.user)
 
 

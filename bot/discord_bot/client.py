@@ -39,18 +39,24 @@ def build_tree(client: EaselClient) -> app_commands.CommandTree:
     async def model_autocomplete(interaction: discord.Interaction, current: str):
         return [app_commands.Choice(name=n, value=n) for n in front.model_choices(current)]
 
+    async def sampler_autocomplete(interaction: discord.Interaction, current: str):
+        return [app_commands.Choice(name=n, value=n) for n in front.option_choices("sampler", current)]
+
     @tree.command(description="Make an image from a prompt (inline --seed, --no, --ar work too)")
     @app_commands.describe(prompt="what to draw", negative="what to keep out", seed="for a reproducible image",
                            model="which model", aspect="width:height", quality="for models that have it",
+                           sampler="the sampler, for models that take one (local models)",
                            count="how many images")
-    @app_commands.autocomplete(model=model_autocomplete)
+    @app_commands.autocomplete(model=model_autocomplete, sampler=sampler_autocomplete)
     @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS],
                           quality=[app_commands.Choice(name=q, value=q) for q in QUALITIES])
     async def imagine(interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 4000],
                       negative: str | None = None, seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
                       model: str | None = None, aspect: str | None = None, quality: str | None = None,
+                      sampler: str | None = None,
                       count: app_commands.Range[int, 1, 4] = 1):
-        await front.imagine(interaction, prompt, negative, seed, model, aspect, quality, count)
+        await front.imagine(interaction, prompt, negative, seed, model, aspect,
+                            {"quality": quality, "sampler": sampler}, count)
 
     @tree.command(description="Repaint an image from a prompt (where the mask is white)")
     @app_commands.describe(image="the image to edit", mask="white: repaint, black: keep", prompt="what to paint")

@@ -370,7 +370,7 @@ class Frontend:
     # ---- slash commands --------------------------------------------------------------------------
 
     async def imagine(self, interaction: discord.Interaction, prompt: str, negative: str | None,
-                      seed: int | None, model: str | None, aspect: str | None, quality: str | None,
+                      seed: int | None, model: str | None, aspect: str | None, options: dict,
                       count: int) -> None:
         begun = await self._begin(interaction)
         if begun is None:
@@ -390,7 +390,7 @@ class Frontend:
             await self._finish_refused(interaction, str(exc))
             return
         base = self._base_request(interaction, interaction.user.id, interaction.channel)
-        options = {"quality": quality} if quality else {}
+        options = {k: v for k, v in options.items() if v}
         request = JobRequest(Kind.IMAGINE, base, GenerationParams(
             prompt=prompt, negative_prompt=negative, seed=seed, model=model or prefs.model,
             options=options), aspect=ratio, group=f"interaction:{interaction.id}")
@@ -488,6 +488,11 @@ class Frontend:
             f"Your defaults: model **{updated.model or 'server default'}**, aspect "
             f"**{updated.aspect or 'model default'}**, results **{'private' if updated.private else 'public'}**.",
             ephemeral=True)
+
+    def option_choices(self, option: str, current: str) -> list[str]:
+        """The values some usable model takes for `option`."""
+        values = {v for s in self.app.router.healthy_models() for v in s.options.get(option, ())}
+        return sorted(v for v in values if current.lower() in v)[:25]
 
     def model_choices(self, current: str) -> list[str]:
         current = current.lower()
