@@ -17,6 +17,10 @@ class Preferences:
             return UserSettings(user_id)
         return UserSettings(user_id, row[0], row[1], bool(row[2]))
 
+    def users(self) -> list[UserSettings]:
+        rows = self.db.query("SELECT user_id, model, aspect, private FROM user_settings")
+        return [UserSettings(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
     def set_user(self, settings: UserSettings) -> None:
         with self.db.transaction() as conn:
             conn.execute(

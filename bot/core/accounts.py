@@ -52,6 +52,12 @@ class Accounts:
     ):
         self.policy, self.ledger, self.jobs = policy, ledger, jobs
         self.preferences, self.router, self.clock = preferences, router, clock
+        # Members' settings are read before every acknowledgement (privacy decides how to
+        # acknowledge), so a bot loads them all once (`load_settings`) and keeps them here: no
+        # thread hop and no wait behind job work on that hot path. Only this process changes
+        # them (the bot owns /settings).
+        self._settings: dict[str, UserSettings] = {}
+        self._all_loaded = False
 
     def _since(self, period: str | None) -> tuple[str, float]:
         period = period or self.policy.budget_period
@@ -70,8 +76,20 @@ class Accounts:
 
         return await asyncio.to_thread(read)
 
+    async def load_settings(self) -> None:
+        for settings in await asyncio.to_thread(self.preferences.users):
+            self._settings[settings.user_id] = settings
+        self._all_loaded = True
+
     async def user_settings(self, user_id: str) -> UserSettings:
-        return await asyncio.to_thread(self.preferences.user, user_id)
+        if user_id not in self._settings:
+            read = (
+                UserSettings(user_id)
+                if self._all_loaded
+                else await asyncio.to_thread(self.preferences.user, user_id)
+            )
+            self._settings.setdefault(user_id, read)
+        return self._settings[user_id]
 
     async def change_settings(
         self,
@@ -102,7 +120,8 @@ class Accounts:
                 self.preferences.set_user(updated)
             return updated
 
-        return await asyncio.to_thread(change)
+        self._settings[user_id] = await asyncio.to_thread(change)
+        return self._settings[user_id]
 
     async def set_balance(self, user_id: str, amount_micros: int, actor: str) -> Balance:
         if amount_micros < 0:

@@ -157,6 +157,7 @@ class EaselClient(discord.Client):
         self.tree = build_tree(self)
 
     async def setup_hook(self) -> None:
+        await self.app.accounts.load_settings()
         self.add_dynamic_items(ResultButton)
         if self.discord_settings.sync_guilds:
             for guild_id in self.discord_settings.sync_guilds:

@@ -115,14 +115,17 @@ class MemoryBlobs:
 
 class MemoryPreferences:
     def __init__(self):
-        self.users: dict[str, UserSettings] = {}
+        self.users_by_id: dict[str, UserSettings] = {}
         self.guilds: dict[str, GuildSettings] = {}
 
     def user(self, user_id):
-        return self.users.get(user_id, UserSettings(user_id))
+        return self.users_by_id.get(user_id, UserSettings(user_id))
+
+    def users(self):
+        return list(self.users_by_id.values())
 
     def set_user(self, settings):
-        self.users[settings.user_id] = settings
+        self.users_by_id[settings.user_id] = settings
 
     def guild(self, guild_id):
         return self.guilds.get(guild_id, GuildSettings(guild_id))
