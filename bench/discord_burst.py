@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from bot.config import settings_from_dict
-from bot.discord_bot.client import EaselClient
+from bot.discord.client import EaselClient
 from moderation import NoImageScreen
 from tests.fakes.discord_server import FakeDiscord, FakeInteraction
 from tests.fakes.generators import PreparedGenerator, png_bytes
@@ -77,7 +77,7 @@ async def run(members: int, delay_s: float, slots: int, timeout_s: float) -> boo
             latencies = [i.ack_latency for i in acked]
             results = sum(posted(fake, i) for i in interactions)
             done = sum(job.status == "done" for job in app.jobs.list(limit=members * 2))
-            await client.frontend.shutdown(grace_s=0)
+            await client.delivery.shutdown(grace_s=0)
             await client.close()
             await asyncio.gather(runner, return_exceptions=True)
             await app.close()

@@ -205,7 +205,7 @@ def exit_status(outcome) -> int:
 
     if outcome.ok:
         return EXIT_OK
-    return {ErrorCode.USAGE: EXIT_USAGE, ErrorCode.NOT_FOUND: EXIT_USAGE,
+    return {ErrorCode.USAGE: EXIT_USAGE, ErrorCode.NOT_FOUND: EXIT_USAGE, ErrorCode.FORBIDDEN: EXIT_USAGE,
             ErrorCode.BLOCKED: EXIT_BLOCKED, ErrorCode.OVER_BUDGET: EXIT_OVER_BUDGET,
             ErrorCode.SPEND_CAP: EXIT_OVER_BUDGET}.get(outcome.error_code, EXIT_FAILED)
 
@@ -364,7 +364,7 @@ def _run_bot(settings, args) -> int:
     if settings.discord.token() is None:
         return _fail(f"the bot token is read from ${settings.discord.token_env}, which is not set", EXIT_USAGE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .discord_bot.client import serve
+    from .discord.client import serve
 
     async def main() -> None:
         app = _app(settings)

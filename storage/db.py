@@ -110,6 +110,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN mask_sha256 TEXT;
     CREATE INDEX reservations_guild ON reservations(guild_id, closed_at);
     """,
+    # 3: whether the result was posted for the channel to see (others in the guild may then act
+    # on it); a private or undelivered result belongs to its requester alone.
+    """
+    ALTER TABLE jobs ADD COLUMN public INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 class Database:

@@ -22,6 +22,7 @@ def _record(row: Any) -> JobRecord:
     params["options"] = json.loads(params["options"] or "{}")
     data["timings"] = json.loads(data["timings"] or "{}")
     data["nsfw_channel"] = bool(data["nsfw_channel"])
+    data["public"] = bool(data["public"])
     data["kind"], data["status"] = Kind(data["kind"]), JobStatus(data["status"])
     data["error_code"] = ErrorCode(data["error_code"]) if data["error_code"] else None
     size = (width, height) if width is not None and height is not None else None

@@ -16,7 +16,7 @@ from PIL import Image
 from bot.bootstrap import App
 from bot.config import settings_from_dict
 from bot.core.models import GeneratedImage, GenerationRequest, ModelSpec
-from bot.discord_bot.client import EaselClient
+from bot.discord.client import EaselClient
 from moderation import NoImageScreen, Verdict
 from tests.fakes.discord_server import EPHEMERAL, FakeDiscord, FakeInteraction, StoredMessage
 from tests.fakes.generators import PreparedGenerator
@@ -110,7 +110,7 @@ class RunningBot:
 
     async def close(self) -> None:
         """As `easel run` stops: jobs still running are cancelled (and refunded) first."""
-        await self.client.frontend.shutdown(grace_s=0)
+        await self.client.delivery.shutdown(grace_s=0)
         if not self.client.is_closed():
             await self.client.close()
         await asyncio.wait_for(asyncio.gather(self.runner, return_exceptions=True), 5)

@@ -446,6 +446,18 @@ def test_variation_of_a_missing_job_is_refused(workspace):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", ["variation", "upscale"])
+def test_another_users_job_is_refused_as_if_missing(seeded_workspace, command):
+    """Job 1 is the default user's; mallory may not reuse it (nor learn that it exists)."""
+    before = seeded_workspace.jobs()
+    result = seeded_workspace.run(command, "1", "--user", "mallory")
+    missing = seeded_workspace.run(command, "999", "--user", "mallory")
+    assert result.returncode == missing.returncode == 2
+    assert result.stderr.strip() == missing.stderr.strip().replace("999", "1")
+    assert "there is no job 1" in result.stderr and "Traceback" not in result.stderr
+    assert seeded_workspace.jobs() == before  # nothing made, nothing reserved
+
+
 def test_edit_repaints_only_inside_the_mask(diffusions):
     run = diffusions["edit"]
     outcome = run.outcome()

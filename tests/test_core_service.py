@@ -156,11 +156,52 @@ async def test_an_option_the_model_lacks_is_refused_before_reserving():
 
 async def test_reroll_repeats_the_request_with_a_new_seed_for_the_clicker():
     core = Core(MemoryGenerator())
-    first = await core.service.submit(job_request("imagine", "u1", "a fox --seed 5 --sampler b"))
-    again = await core.service.reroll(first.job.id, Requester("u2"))
+    first = await core.service.submit(job_request("imagine", "u1", "a fox --seed 5 --sampler b", guild_id="g1"))
+    core.jobs.update(first.job.id, message_id="m1", public=True)  # posted in the channel
+    again = await core.service.reroll(first.job.id, Requester("u2", "g1"))
     assert again.ok and again.job.user_id == "u2" and again.job.prompt == "a fox"
     assert again.job.options == {"sampler": "b"} and again.job.seed == 1234
     assert core.available("u2") == usd_to_micros(1.0 - PRICE)
+
+
+def _others(job_id):
+    """Every way another member may try to reuse job `job_id`."""
+    return [
+        ("reroll", lambda core, who: core.service.reroll(job_id, who)),
+        ("vary", lambda core, who: core.service.vary(job_id, who)),
+        ("upscale", lambda core, who: core.service.upscale(job_id, who)),
+        ("variation request", lambda core, who: core.service.submit(
+            job_request("variation", who.user_id, guild_id=who.guild_id, source_job_id=job_id))),
+    ]
+
+
+@pytest.mark.parametrize("public, asker, guild", [
+    (False, "u2", "g1"),  # private (or never delivered), same guild
+    (True, "u2", "g2"),  # public, but in another guild
+    (True, "u2", None),  # public, asked from a DM
+])
+async def test_another_members_job_is_refused_as_missing_unless_posted_in_their_guild(public, asker, guild):
+    core = Core(MemoryGenerator())
+    first = await core.service.submit(job_request("imagine", "u1", "alice's secret card", guild_id="g1"))
+    core.jobs.update(first.job.id, message_id="m1", public=public)
+    missing = await core.service.reroll(999, Requester(asker, guild))
+    for what, call in _others(first.job.id):
+        out = await call(core, Requester(asker, guild))
+        assert out.error_code == ErrorCode.NOT_FOUND, what
+        assert out.error == f"there is no job {first.job.id}", what  # the same as a missing one
+        assert missing.error == "there is no job 999"
+    assert [j.user_id for j in core.jobs.rows.values()] == ["u1"]  # nothing was made or shown
+    assert core.available(asker) == usd_to_micros(1.0)
+
+
+async def test_a_public_result_may_be_reused_in_its_guild_and_ones_own_anywhere():
+    core = Core(MemoryGenerator())
+    first = await core.service.submit(job_request("imagine", "u1", "a lighthouse", guild_id="g1"))
+    own = [await call(core, Requester("u1", "g9")) for _, call in _others(first.job.id)]
+    assert all(o.ok for o in own)  # one's own job, private or not, from anywhere
+    core.jobs.update(first.job.id, message_id="m1", public=True)
+    theirs = [await call(core, Requester("u2", "g1")) for _, call in _others(first.job.id)]
+    assert all(o.ok for o in theirs) and {o.job.user_id for o in theirs} == {"u2"}
 
 
 async def test_variation_takes_the_default_strength_from_the_policy():

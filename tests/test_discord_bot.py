@@ -479,6 +479,27 @@ async def test_private_setting_makes_results_ephemeral_without_reactions(fake, m
     assert message.reactions == {}
 
 
+async def test_another_members_private_result_is_refused_as_if_missing(fake, make_bot, bob):
+    bot = await make_bot()
+    await immediate_reply(fake, await fake.send_slash_command("settings", {"private": True}))
+    await imagine_result(bot, {"prompt": "alice's secret card"})
+    [secret] = bot.jobs()
+    assert secret.public is False
+    for command in ("variation", "upscale"):
+        interaction = await fake.send_slash_command(command, {"job": str(secret.id)}, user=bob)
+        assert await refusal_of(fake, interaction) == f"\u2753 there is no job {secret.id}."
+        missing = await fake.send_slash_command(command, {"job": "999"}, user=bob)
+        assert await refusal_of(fake, missing) == "\u2753 there is no job 999."
+    assert [j.id for j in bot.jobs()] == [secret.id] and bot.charges(bob.id) == []
+
+
+async def test_a_public_result_is_recorded_as_public(fake, make_bot):
+    bot = await make_bot()
+    await imagine_result(bot, {"prompt": "a lighthouse"})
+    [job] = bot.jobs()
+    assert job.public is True and job.message_id
+
+
 async def test_settings_store_a_default_model_and_aspect_that_inline_flags_override(fake, make_bot):
     bot = await make_bot()
     reply = await immediate_reply(fake, await fake.send_slash_command(
@@ -859,7 +880,7 @@ async def test_shutdown_lets_a_running_job_finish_within_the_grace(fake, make_bo
     await eventually(lambda: bot.jobs() and bot.jobs()[0].status == "running", what="the job to run")
 
     started = time.monotonic()
-    await bot.client.frontend.shutdown(grace_s=30)
+    await bot.client.delivery.shutdown(grace_s=30)
     assert time.monotonic() - started < 5
     message = original(fake, interaction)
     assert message.attachments, "the result was posted before shutdown returned"
@@ -878,7 +899,7 @@ async def test_shutdown_cancels_and_refunds_a_job_past_the_grace(fake, make_bot)
     await eventually(lambda: bot.jobs() and bot.jobs()[0].status == "running", what="the job to run")
 
     started = time.monotonic()
-    await bot.client.frontend.shutdown(grace_s=0.1)
+    await bot.client.delivery.shutdown(grace_s=0.1)
     assert time.monotonic() - started < 2
     [job] = bot.jobs()
     assert (job.status, job.error_code, job.cost_micros) == ("cancelled", "cancelled", 0)
@@ -893,7 +914,7 @@ async def test_a_member_whose_job_shutdown_cancelled_is_told(fake, make_bot):
     bot = await make_bot(generator=PreparedGenerator(delay_s=5.0))
     interaction = await fake.send_slash_command("imagine", {"prompt": "an endless night"})
     await eventually(lambda: bot.jobs() and bot.jobs()[0].status == "running", what="the job to run")
-    await bot.client.frontend.shutdown(grace_s=0.1)
+    await bot.client.delivery.shutdown(grace_s=0.1)
 
     def told() -> bool:
         texts = [fake.message(i).content for i in interaction.followup_message_ids]

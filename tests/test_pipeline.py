@@ -274,7 +274,7 @@ async def test_variation_and_upscale_of_an_earlier_job(tmp_path):
     assert up.ok and (up.job.width, up.job.height) == (192, 128)
     assert up.job.source_job_id == var.job.id and gen.calls[-1].kind == "upscale"
     missing = await app.service.submit(job_request("variation", "u1", source_job_id=999))
-    assert missing.error_code == "usage" and "no job 999" in missing.error
+    assert missing.error_code == "not_found" and "no job 999" in missing.error
 
 
 async def test_edit_checks_uploads_before_spending(tmp_path):

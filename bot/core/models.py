@@ -48,6 +48,7 @@ class ErrorCode(StrEnum):
 
     USAGE = "usage"  # the request cannot be served as asked
     NOT_FOUND = "not_found"  # no such job, or not one the requester may use
+    FORBIDDEN = "forbidden"  # an admin's action, asked for by someone who is not one
     OVER_BUDGET = "over_budget"
     SPEND_CAP = "spend_cap"  # the server's daily or a guild's period cap
     BUSY = "busy"  # too many jobs in flight
@@ -401,6 +402,9 @@ class JobRequest:
     # Jobs of one request (the images of one /imagine count=4) share a group: together they
     # count as one against the per-user limit of jobs in flight.
     group: str | None = None
+    # The member's own defaults, for a model (imagine, edit) or an aspect (imagine) that neither
+    # the options nor the prompt's flags give.
+    defaults: UserSettings | None = None
 
     @property
     def user_id(self) -> str:
@@ -431,6 +435,7 @@ class JobRecord:
     error_code: ErrorCode | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
     message_id: str | None = None
+    public: bool = False  # posted where the channel sees it (see core.access)
     owner: str | None = None  # the process running the job (see core.recovery)
     source_sha256: str | None = None  # an uploaded input image, kept in the blob store
     mask_sha256: str | None = None

@@ -9,6 +9,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .access import usable
 from .flags import size_for_aspect
 from .models import (
     MAX_SEED,
@@ -134,15 +135,14 @@ class Planner:
 
     def _source_job(self, request: JobRequest) -> JobRecord:
         if request.source_job_id is not None:
-            source = self.jobs.get(request.source_job_id)
-            if source is None:
-                raise Refusal(ErrorCode.USAGE, f"there is no job {request.source_job_id}")
+            source = usable(self.jobs.get(request.source_job_id), request.source_job_id, request.requester)
         else:
-            source = self.jobs.latest_done(request.user_id)
-            if source is None:
+            latest = self.jobs.latest_done(request.user_id)
+            if latest is None:
                 raise Refusal(
                     ErrorCode.USAGE, f"{request.kind} needs an earlier image, and there is none yet"
                 )
+            source = latest
         if source.status != JobStatus.DONE or not source.sha256:
             raise Refusal(ErrorCode.USAGE, f"job {source.id} has no image ({source.status})")
         if not self.blobs.exists(source.sha256):

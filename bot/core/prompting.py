@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .flags import FlagError, parse_flags
+from .flags import FlagError, parse_aspect, parse_flags
 from .models import MAX_SEED, ErrorCode, GenerationParams, JobRequest, Kind, Refusal
 
 _TWICE = {
@@ -43,12 +43,21 @@ def normalise(request: JobRequest, max_prompt_chars: int) -> Normalised:
         raise Refusal(ErrorCode.USAGE, f"the seed must be a whole number from 0 to {MAX_SEED}")
     for key in parsed.options.keys() & asked.options.keys():
         _pick(parsed.options[key], asked.options[key], key)
+    aspect = _pick(parsed.aspect, request.aspect, "the aspect ratio")
+    defaults = request.defaults
+    if defaults is not None and request.kind in (Kind.IMAGINE, Kind.EDIT):
+        merged["model"] = merged["model"] or defaults.model
+    if defaults is not None and request.kind == Kind.IMAGINE and aspect is None and defaults.aspect:
+        try:
+            aspect = parse_aspect(defaults.aspect)
+        except FlagError as exc:
+            raise Refusal(ErrorCode.USAGE, f"your default aspect: {exc}") from None
     params = asked.but(
         prompt=parsed.prompt,
         options={**asked.options, **parsed.options},
         **merged,
     )
-    return Normalised(params, _pick(parsed.aspect, request.aspect, "the aspect ratio"))
+    return Normalised(params, aspect)
 
 
 def _pick(flag_value: Any, arg_value: Any, name: str) -> Any:

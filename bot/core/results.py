@@ -24,9 +24,12 @@ class Results:
         assert job.sha256 is not None, "only a finished job has an image"
         return await asyncio.to_thread(self.blobs.get, job.sha256)
 
-    async def delivered(self, job_id: int, message_id: str | None) -> None:
-        """Record the message that shows the job (None: it was deleted)."""
-        await asyncio.to_thread(self.jobs.update, job_id, message_id=message_id)
+    async def delivered(self, job_id: int, message_id: str | None, *, public: bool = False) -> None:
+        """Record the message that shows the job (None: it was deleted), and whether the channel
+        sees it."""
+        await asyncio.to_thread(
+            self.jobs.update, job_id, message_id=message_id, public=public and message_id is not None
+        )
 
     async def preview_allowed(self, png: bytes, nsfw_channel: bool) -> bool:
         return await asyncio.to_thread(self.screening.preview_allowed, png, nsfw_channel)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
+from .access import usable
 from .admission import Admission
 from .billing import Billing, Ending
 from .models import (
@@ -105,10 +106,22 @@ class EaselService:
         self, job_id: int, requester: Requester, on_event: EventSink | None = None
     ) -> JobOutcome:
         """The job's request again with a new seed, charged to `requester`."""
-        job = await asyncio.to_thread(self.jobs.get, job_id)
-        if job is None:
-            return _refused(Refusal(ErrorCode.NOT_FOUND, f"there is no job {job_id}"))
+        try:
+            job = usable(await asyncio.to_thread(self.jobs.get, job_id), job_id, requester)
+        except Refusal as exc:
+            return _refused(exc)
         return await self.submit(await asyncio.to_thread(self._reroll_request, job, requester), on_event)
+
+    async def vary(self, job_id: int, requester: Requester, on_event: EventSink | None = None) -> JobOutcome:
+        """A variation of an earlier result, with its model (a result's Vary button)."""
+        request = JobRequest(Kind.VARIATION, requester, source_job_id=job_id)
+        return await self.submit(request, on_event)
+
+    async def upscale(
+        self, job_id: int, requester: Requester, on_event: EventSink | None = None
+    ) -> JobOutcome:
+        """An earlier result, enlarged (a result's Upscale button)."""
+        return await self.submit(JobRequest(Kind.UPSCALE, requester, source_job_id=job_id), on_event)
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job; True if it was in flight here."""

@@ -1,21 +1,17 @@
-"""What members see: result embeds and buttons, refusal wording, and delivering a finished job to
-Discord (within the upload limit, and to the channel once the interaction token has expired)."""
+"""What members see of a result: its embed, its buttons and reactions, and progress text."""
 from __future__ import annotations
 
-import io
 import re
-import time
 
 import discord
 
-from bot.core.models import JobRecord
-
-# Interaction tokens last 15 minutes; past this age easel posts to the channel instead.
-TOKEN_LIFETIME_S = 15 * 60 - 30
+from ..core.models import EventState, JobRecord, Kind
+from .errors import on_command_error
 
 REACTIONS = {"\U0001f501": "variation", "\U0001f3b2": "reroll", "\u2b06\ufe0f": "upscale",
              "\U0001f5d1\ufe0f": "delete"}
 ACTION_LABELS = {"variation": "Vary", "reroll": "Reroll", "upscale": "Upscale", "delete": "Delete"}
+TITLES = {Kind.IMAGINE: "Imagined", Kind.VARIATION: "Variation", Kind.EDIT: "Edit", Kind.UPSCALE: "Upscaled"}
 
 
 def action_for_emoji(name: str) -> str | None:
@@ -27,7 +23,8 @@ def action_for_emoji(name: str) -> str | None:
     return None
 
 
-class ResultButton(discord.ui.DynamicItem[discord.ui.Button], template=r"easel:(?P<action>variation|reroll|upscale|delete):(?P<job>\d+)"):
+class ResultButton(discord.ui.DynamicItem[discord.ui.Button],
+                   template=r"easel:(?P<action>variation|reroll|upscale|delete):(?P<job>\d+)"):
     """A button under a result. Its custom id names the action and the job, so it keeps working
     after a restart (registered with Client.add_dynamic_items)."""
 
@@ -43,13 +40,17 @@ class ResultButton(discord.ui.DynamicItem[discord.ui.Button], template=r"easel:(
         return cls(match["action"], int(match["job"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await interaction.client.frontend.on_result_action(interaction, self.action, self.job_id)
+        cog = interaction.client.get_cog("Results")  # type: ignore[attr-defined]
+        try:
+            await cog.on_result_action(interaction, self.action, self.job_id)
+        except Exception as exc:  # a view's errors do not reach tree.on_error: the same handler
+            await on_command_error(interaction, exc)
 
 
 def result_view(job: JobRecord) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for action in ("variation", "reroll", "upscale", "delete"):
-        if action == "upscale" and job.kind == "upscale":
+        if action == "upscale" and job.kind == Kind.UPSCALE:
             continue
         view.add_item(ResultButton(action, job.id))
     return view
@@ -59,11 +60,15 @@ def _usd(micros: int) -> str:
     return f"${micros / 1e6:.4f}".rstrip("0").rstrip(".") if micros else "$0"
 
 
+def _clip(text: str | None, limit: int) -> str:
+    text = text or ""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def result_embed(job: JobRecord, balance_usd: float | None, filename: str | None,
                  full_url: str | None = None) -> discord.Embed:
-    title = {"imagine": "Imagined", "variation": "Variation", "edit": "Edit", "upscale": "Upscaled"}[job.kind]
-    embed = discord.Embed(title=f"{title} \u00b7 job {job.id}", description=_clip(job.prompt, 4000) or None,
-                          url=full_url, color=0x5865F2)
+    embed = discord.Embed(title=f"{TITLES[Kind(job.kind)]} \u00b7 job {job.id}",
+                          description=_clip(job.prompt, 4000) or None, url=full_url, color=0x5865F2)
     if job.negative_prompt:
         embed.add_field(name="Negative", value=_clip(job.negative_prompt, 1000), inline=False)
     if job.revised_prompt:
@@ -82,60 +87,11 @@ def result_embed(job: JobRecord, balance_usd: float | None, filename: str | None
     return embed
 
 
-def _clip(text: str | None, limit: int) -> str:
-    text = text or ""
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
-
-
-def image_file(job: JobRecord, data: bytes, limit_bytes: int) -> tuple[discord.File, bool]:
-    """The image as an attachment within `limit_bytes`: the PNG itself, or a JPEG of it (then
-    True: the embed links to the full image on easel's server)."""
-    if len(data) <= limit_bytes:
-        return discord.File(io.BytesIO(data), filename=f"easel-{job.id}.png"), False
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    for quality, scale in ((90, 1.0), (80, 1.0), (80, 0.7), (70, 0.5), (60, 0.35)):
-        frame = img if scale == 1.0 else img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
-        buf = io.BytesIO()
-        frame.save(buf, format="JPEG", quality=quality, optimize=True)
-        if buf.tell() <= limit_bytes:
-            buf.seek(0)
-            return discord.File(buf, filename=f"easel-{job.id}.jpg"), True
-    raise ValueError("the image cannot be made small enough to upload")
-
-
-def refusal_text(outcome) -> str:
-    code, error = outcome.error_code, outcome.error or "unknown error"
-    if code == "over_budget":
-        return f"\U0001f4b8 {error}. Ask an admin for more budget."
-    if code == "spend_cap":
-        return f"\u23f8\ufe0f {error}."
-    if code == "blocked":
-        return f"\U0001f6ab Not allowed: {error}. Nothing was charged."
-    if code == "busy":
-        return f"\u23f3 {error}."
-    if code == "usage":
-        return f"\u2753 {error}."
-    if code == "cancelled":
-        return "\u274c Cancelled. Nothing was charged."
-    return f"\u26a0\ufe0f That failed: {error}. Nothing was charged."
-
-
 def progress_text(state: str, position: int | None, fraction: float | None) -> str:
-    if state == "queued":
+    if state == EventState.QUEUED:
         return f"\u23f3 Queued \u2014 position {position}" if position else "\u23f3 Queued"
-    if state == "running" or fraction is None:
+    if state == EventState.RUNNING or fraction is None:
         return "\U0001f3a8 Generating\u2026"
     done = int(fraction * 10)
     bar = "\u2588" * done + "\u2591" * (10 - done)
     return f"\U0001f3a8 Generating\u2026 {bar} {fraction * 100:.0f}%"
-
-
-def token_expired(started: float) -> bool:
-    return time.monotonic() - started > TOKEN_LIFETIME_S
-
-
-def is_expired_token_error(exc: Exception) -> bool:
-    # 50027: Invalid Webhook Token. A 404 Unknown Webhook / Interaction is the same for us.
-    return isinstance(exc, discord.NotFound) or getattr(exc, "code", None) in (50027, 10015, 10062)

@@ -1,0 +1,122 @@
+"""The discord.py bot: its intents, its cogs and persistent result buttons, the one error
+handler, and running it beside the image server until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import aiohttp
+import discord
+import yarl
+from discord.ext import commands
+
+from ..bootstrap import App
+from ..config import ConfigError, DiscordSettings, Settings
+from .cogs.account import Account
+from .cogs.admin import Admin
+from .cogs.generate import Generate
+from .cogs.results import Results
+from .delivery import Delivery
+from .errors import on_command_error
+from .views import ResultButton
+
+log = logging.getLogger(__name__)
+
+
+def intents() -> discord.Intents:
+    """Only what easel needs: guilds (channels, roles, age restriction) and reactions."""
+    wanted = discord.Intents.none()
+    wanted.guilds = True
+    wanted.guild_reactions = True
+    return wanted
+
+
+class EaselClient(commands.Bot):
+    """Slash commands only: no prefix commands, so no message content is read."""
+
+    def __init__(self, app: App, settings: DiscordSettings, *, guild_ready_timeout: float = 2.0):
+        super().__init__(command_prefix=commands.when_mentioned, help_command=None, intents=intents(),
+                         guild_ready_timeout=guild_ready_timeout)
+        self.app = app
+        self.discord_settings = settings
+        self.delivery = Delivery(app, settings)
+        self.tree.error(on_command_error)
+
+    async def setup_hook(self) -> None:
+        await self.app.accounts.load_settings()
+        for cog in (Generate(self.delivery), Results(self, self.delivery), Account(self.delivery),
+                    Admin(self.delivery)):
+            await self.add_cog(cog)
+        self.add_dynamic_items(ResultButton)
+        if self.discord_settings.sync_guilds:
+            for guild_id in self.discord_settings.sync_guilds:
+                guild = discord.Object(id=int(guild_id))
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+        else:
+            await self.tree.sync()
+
+    async def on_message(self, message: discord.Message) -> None:
+        """easel has no prefix commands (and no message content intent)."""
+
+
+def point_discord_py(api_base: str | None, gateway_url: str | None) -> None:
+    """Send discord.py's REST calls and gateway connection to Discord-compatible addresses."""
+    if api_base:
+        discord.http.Route.BASE = api_base.rstrip("/")
+    if gateway_url:
+        discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+async def ask_gateway(api_base: str, token: str) -> str:
+    """The gateway URL from a Discord-compatible API's GET /gateway/bot."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{api_base.rstrip('/')}/gateway/bot",
+                               headers={"Authorization": f"Bot {token}"}) as resp:
+            if resp.status != 200:
+                raise ConfigError(f"{api_base}/gateway/bot answered {resp.status}; set DISCORD_GATEWAY_URL")
+            return (await resp.json())["url"]
+
+
+async def serve(settings: Settings, app: App, *, stop: asyncio.Event | None = None) -> None:
+    """Run the bot and the image server until `stop` is set (or SIGINT/SIGTERM)."""
+    from aiohttp import web
+
+    from storage.server import make_image_app
+
+    token = settings.discord.token()
+    if token is None:
+        raise ConfigError(f"the bot token is read from ${settings.discord.token_env}, which is not set")
+    api_base = settings.discord.resolved_api_base()
+    gateway = settings.discord.resolved_gateway_url()
+    if api_base and not gateway:
+        gateway = await ask_gateway(api_base, token)
+    point_discord_py(api_base, gateway)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or not POSIX
+            pass
+    runner = web.AppRunner(make_image_app(app.blobs))
+    await runner.setup()
+    await web.TCPSite(runner, settings.server.host, settings.server.port).start()
+    client = EaselClient(app, settings.discord)
+    bot = asyncio.create_task(client.start(token))
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({bot, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if bot.done():
+            bot.result()  # a login or connection failure: raise it
+    finally:
+        log.info("shutting down: letting running jobs finish")
+        await client.delivery.shutdown(settings.discord.shutdown_grace_s)
+        await client.close()
+        waiter.cancel()
+        if not bot.done():
+            bot.cancel()
+        await asyncio.gather(bot, return_exceptions=True)
+        await runner.cleanup()

@@ -1,0 +1,1 @@
+"""One cog per area: generating, acting on results, a member's account, admin budgets."""

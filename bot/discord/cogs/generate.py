@@ -1,0 +1,130 @@
+"""/imagine, /edit, /variation and /upscale: each parses its options into one JobRequest and
+hands it, with the member's defaults, to one service call."""
+from __future__ import annotations
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from ...core.flags import FlagError, parse_aspect
+from ...core.models import MAX_SEED, GenerationParams, JobRequest, Kind, UserSettings
+from ..context import job_reference, of_interaction
+from ..delivery import Delivery
+from ..errors import Refused
+
+ASPECTS = ["1:1", "16:9", "9:16", "3:2", "2:3", "4:3", "3:4", "21:9"]
+QUALITIES = ["standard", "hd", "low", "medium", "high"]
+
+
+async def model_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    names = sorted(s.name for s in interaction.client.app.router.healthy_models())  # type: ignore[attr-defined]
+    return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
+
+
+async def sampler_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """The samplers some usable model takes."""
+    models = interaction.client.app.router.healthy_models()  # type: ignore[attr-defined]
+    values = sorted({v for s in models for v in s.options.get("sampler", ())})
+    return [app_commands.Choice(name=v, value=v) for v in values if current.lower() in v][:25]
+
+
+class Generate(commands.Cog):
+    def __init__(self, delivery: Delivery):
+        self.delivery = delivery
+        self.app, self.settings = delivery.app, delivery.settings
+
+    @app_commands.command(description="Make an image from a prompt (inline --seed, --no, --ar work too)")
+    @app_commands.describe(prompt="what to draw", negative="what to keep out", seed="for a reproducible image",
+                           model="which model", aspect="width:height", quality="for models that have it",
+                           sampler="the sampler, for models that take one (local models)",
+                           count="how many images")
+    @app_commands.autocomplete(model=model_autocomplete, sampler=sampler_autocomplete)
+    @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS],
+                          quality=[app_commands.Choice(name=q, value=q) for q in QUALITIES])
+    async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 4000],
+                      negative: str | None = None, seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+                      model: str | None = None, aspect: str | None = None, quality: str | None = None,
+                      sampler: str | None = None, count: app_commands.Range[int, 1, 4] = 1) -> None:
+        begun = await self.delivery.begin(interaction)
+        if begun is None:
+            return
+        prefs, started = begun
+        if count > self.settings.max_count:
+            raise Refused(f"at most {self.settings.max_count} images at once")
+        options = {k: v for k, v in {"quality": quality, "sampler": sampler}.items() if v}
+        try:
+            ratio = parse_aspect(aspect) if aspect else None
+        except FlagError as exc:
+            raise Refused(str(exc)) from None
+        params = GenerationParams(prompt=prompt, negative_prompt=negative, seed=seed, model=model, options=options)
+        request = JobRequest(Kind.IMAGINE, of_interaction(interaction), params, defaults=prefs,
+                             aspect=ratio, group=f"interaction:{interaction.id}")
+
+        async def run(on_event):
+            return await self.app.service.imagine(request, count, on_event)
+
+        await self.delivery.for_interaction(interaction, run, private=prefs.private, started=started)
+
+    @app_commands.command(description="Repaint an image from a prompt (where the mask is white)")
+    @app_commands.describe(image="the image to edit", mask="white: repaint, black: keep", prompt="what to paint")
+    @app_commands.autocomplete(model=model_autocomplete)
+    async def edit(self, interaction: discord.Interaction, image: discord.Attachment, prompt: str,
+                   mask: discord.Attachment | None = None, model: str | None = None) -> None:
+        begun = await self.delivery.begin(interaction)
+        if begun is None:
+            return
+        prefs, started = begun
+        request = JobRequest(Kind.EDIT, of_interaction(interaction), GenerationParams(prompt=prompt, model=model),
+                             image=await self._read(image, "image"), mask=await self._read(mask, "mask"),
+                             defaults=prefs)
+        await self._submit(interaction, request, prefs, started)
+
+    @app_commands.command(description="A variation of an earlier result (default: your last) or of an image")
+    @app_commands.describe(job="a job number or a link to a result message", image="or an image of yours",
+                           seed="for a reproducible variation", strength="0-1: how far from the source")
+    async def variation(self, interaction: discord.Interaction, job: str | None = None,
+                        image: discord.Attachment | None = None,
+                        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+                        strength: app_commands.Range[float, 0.05, 1.0] | None = None) -> None:
+        await self._from_earlier(interaction, Kind.VARIATION, job, image, GenerationParams(seed=seed, strength=strength))
+
+    @app_commands.command(description="Enlarge an earlier result (default: your last)")
+    @app_commands.describe(job="a job number or a link to a result message")
+    async def upscale(self, interaction: discord.Interaction, job: str | None = None) -> None:
+        await self._from_earlier(interaction, Kind.UPSCALE, job, None, GenerationParams())
+
+    async def _from_earlier(self, interaction: discord.Interaction, kind: Kind, job: str | None,
+                            image: discord.Attachment | None, params: GenerationParams) -> None:
+        begun = await self.delivery.begin(interaction)
+        if begun is None:
+            return
+        prefs, started = begun
+        job_id, message_id = job_reference(job)
+        if message_id is not None:
+            found = await self.app.results.for_message(message_id)
+            if found is None:
+                raise Refused("that message is not an easel result")
+            job_id = found.id
+        request = JobRequest(kind, of_interaction(interaction), params, source_job_id=job_id,
+                             image=await self._read(image, "image"))
+        await self._submit(interaction, request, prefs, started)
+
+    async def _submit(self, interaction: discord.Interaction, request: JobRequest, prefs: UserSettings,
+                      started: float) -> None:
+        async def run(on_event):
+            return [await self.app.service.submit(request, on_event)]
+
+        await self.delivery.for_interaction(interaction, run, private=prefs.private, started=started)
+
+    async def _read(self, attachment: discord.Attachment | None, what: str) -> bytes | None:
+        """An upload's bytes, refused before download if it says it is no image or too large (the
+        core checks what it really is)."""
+        if attachment is None:
+            return None
+        limit = self.app.settings.generation.max_upload_bytes
+        if not (attachment.content_type or "").startswith("image/"):
+            raise Refused(f"the {what} must be an image (PNG, JPEG or WebP), not "
+                          f"{attachment.content_type or 'an unknown type'}")
+        if attachment.size > limit:
+            raise Refused(f"the {what} is {attachment.size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB")
+        return await attachment.read()

@@ -1,1 +1,0 @@
-"""The Discord front end (needs the discord extra)."""
