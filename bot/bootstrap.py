@@ -62,7 +62,14 @@ class App:
 
     def recover(self) -> list[int]:
         """Fail and refund what a dead easel process left in flight (a start-up step)."""
-        return recover(self.jobs, self.ledger, self.db, self.clock, owner=self.service.owner)
+        return recover(
+            self.jobs,
+            self.ledger,
+            self.db,
+            self.clock,
+            owner=self.service.owner,
+            job_timeout_s=self.service.policy.job_timeout_s,
+        )
 
     async def close(self) -> None:
         await self.router.close()

@@ -123,8 +123,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"easel: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("easel: interrupted", file=sys.stderr)
+        print("easel: interrupted; a job in flight was cancelled and refunded", file=sys.stderr)
         return 130
+    except Terminated:
+        print("easel: terminated; a job in flight was cancelled and refunded", file=sys.stderr)
+        return 143
+
+
+class Terminated(Exception):
+    """SIGTERM: the job in flight is cancelled, and so refunded, as on Ctrl-C."""
+
+
+async def _cancel_on_sigterm(work):
+    """Run `work`; SIGTERM cancels it (the service refunds a cancelled job) and raises Terminated."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    terminated = False
+
+    def on_term() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, on_term)
+    except (NotImplementedError, RuntimeError):  # not POSIX, or not the main thread
+        pass
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated() from None
+        raise
+    finally:
+        try:
+            loop.remove_signal_handler(signal.SIGTERM)
+        except (NotImplementedError, RuntimeError):
+            pass
 
 
 def _app(settings):
@@ -170,7 +207,7 @@ def _job_command(settings, args) -> int:
         image=_read_file(getattr(args, "image", None)),
         mask=_read_file(getattr(args, "mask", None)),
     )
-    return asyncio.run(_run_job(settings, request, as_json=args.json))
+    return asyncio.run(_cancel_on_sigterm(_run_job(settings, request, as_json=args.json)))
 
 
 async def _run_job(settings, request, *, as_json: bool) -> int:

@@ -21,6 +21,8 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
     if isinstance(value, (int, float)) and not isinstance(value, bool):

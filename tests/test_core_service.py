@@ -214,14 +214,52 @@ async def test_variation_takes_the_default_strength_from_the_policy():
 
 async def test_recovery_refunds_jobs_of_a_dead_owner_only():
     core = Core(MemoryGenerator())
-    dead = core.jobs.create(kind=Kind.IMAGINE, status=JobStatus.RUNNING, user_id="u1", owner="gone:1")
-    alive = core.jobs.create(kind=Kind.IMAGINE, status=JobStatus.RUNNING, user_id="u1", owner="here:2")
+    now = core.clock.time()
+    dead = core.jobs.create(kind=Kind.IMAGINE, status=JobStatus.RUNNING, user_id="u1", owner="gone:1",
+                            created_at=now, started_at=now)
+    alive = core.jobs.create(kind=Kind.IMAGINE, status=JobStatus.RUNNING, user_id="u1", owner="here:2",
+                             created_at=now, started_at=now)
     core.ledger.reserve("u1", dead.id, 100, None)
     core.ledger.reserve("u1", alive.id, 100, None)
-    recovered = recover(core.jobs, core.ledger, core.uow, core.clock, owner="me:3",
+    recovered = recover(core.jobs, core.ledger, core.uow, core.clock, owner="me:3", job_timeout_s=600,
                         alive=lambda owner: owner == "here:2")
     assert recovered == [dead.id] and core.jobs.get(dead.id).error_code == ErrorCode.INTERRUPTED
     assert list(core.ledger.held) == [alive.id]
+
+
+@pytest.mark.parametrize("status, started_ago, created_ago, swept", [
+    (JobStatus.RUNNING, 600 + 61, 700, True),  # running past the job timeout: no live easel does
+    (JobStatus.RUNNING, 600 + 59, 700, False),
+    (JobStatus.QUEUED, None, 6 * 3600 + 1, True),
+    (JobStatus.QUEUED, None, 3600, False),  # a long queue on a busy GPU is not stale
+])
+async def test_recovery_sweeps_stale_jobs_even_of_a_live_owner(status, started_ago, created_ago, swept):
+    core = Core(MemoryGenerator())
+    now = core.clock.time()
+    job = core.jobs.create(kind=Kind.IMAGINE, status=status, user_id="u1", owner="other-host:7",
+                           created_at=now - created_ago,
+                           started_at=None if started_ago is None else now - started_ago)
+    core.ledger.reserve("u1", job.id, 100, None)
+    recovered = recover(core.jobs, core.ledger, core.uow, core.clock, owner="me:3", job_timeout_s=600,
+                        alive=lambda owner: True)
+    assert recovered == ([job.id] if swept else [])
+    assert bool(core.ledger.held) is not swept
+
+
+def test_an_owner_whose_pid_now_belongs_to_another_process_is_dead():
+    import os
+    import socket
+
+    from bot.core.recovery import owner_alive, process_start, this_process
+
+    me = this_process()
+    host, pid = socket.gethostname(), os.getpid()
+    assert me == f"{host}:{pid}:{process_start(pid)}" and owner_alive(me)
+    assert not owner_alive(f"{host}:{pid}:1")  # our pid, but a process started at another time
+    assert owner_alive(f"{host}:{pid}")  # an owner recorded before start times: the pid decides
+    assert not owner_alive(f"{host}:{2**22 + 12345}")  # beyond pid_max: no such process
+    assert not owner_alive(f"{host}:{10**30}") and not owner_alive(f"{host}:x")
+    assert owner_alive(f"another-host:{pid}:1")  # not ours to judge
 
 
 async def test_settings_refuse_an_unknown_model():
