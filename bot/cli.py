@@ -330,6 +330,8 @@ def _budget(settings, args) -> int:
         b = asyncio.run(act())
     except Refusal as exc:
         return _fail(str(exc), EXIT_USAGE)
+    if hasattr(b, "describe"):  # a set or a grant says what it did
+        print(f"{args.user}: {b.describe()}")
     print(f"{args.user}: balance ${b.balance_micros / 1e6:.4f}, held for running jobs "
           f"${b.reserved_micros / 1e6:.4f}, available ${b.available_micros / 1e6:.4f}")
     return EXIT_OK

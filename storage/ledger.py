@@ -8,6 +8,7 @@ never lost or counted twice, even across concurrent writers or a crash.
 from __future__ import annotations
 
 from bot.core.models import (
+    Adjustment,
     Balance,
     Caps,
     GuildCapReached,
@@ -154,31 +155,40 @@ class Ledger:
     def held_job_ids(self) -> list[int]:
         return [r[0] for r in self.db.query("SELECT job_id FROM reservations WHERE state = 'held'")]
 
-    def set_balance(self, user_id: str, amount_micros: int, actor: str | None = None) -> Balance:
+    def set_balance(self, user_id: str, amount_micros: int, actor: str | None = None) -> Adjustment:
+        """Set the balance, but never below what running jobs hold (the available balance never
+        goes below zero); the adjustment says what was done."""
+        if amount_micros < 0:
+            raise ValueError("a balance cannot be set below zero")
         with self.db.transaction() as conn:
             self._ensure_account(conn, user_id)
-            old = conn.execute(
-                "SELECT balance_micros FROM accounts WHERE user_id = ?", (user_id,)
-            ).fetchone()[0]
-            conn.execute(
-                "UPDATE accounts SET balance_micros = ?, updated_at = ? WHERE user_id = ?",
-                (amount_micros, now(), user_id),
-            )
-            self._entry(conn, user_id, None, "set", amount_micros - old, actor)
-        return self.balance(user_id)
+            old, held = conn.execute(
+                "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            return self._adjust(conn, user_id, "set", amount_micros - old, max(amount_micros, held) - old, actor)
 
-    def grant(self, user_id: str, amount_micros: int, actor: str | None = None) -> Balance:
+    def grant(self, user_id: str, amount_micros: int, actor: str | None = None) -> Adjustment:
+        """Add to the balance; a negative grant takes away at most what is available."""
         with self.db.transaction() as conn:
             self._ensure_account(conn, user_id)
-            conn.execute(
-                "UPDATE accounts SET balance_micros = balance_micros + ?, updated_at = ?"
-                " WHERE user_id = ?",
-                (amount_micros, now(), user_id),
-            )
-            self._entry(conn, user_id, None, "grant", amount_micros, actor)
-        return self.balance(user_id)
+            balance, held = conn.execute(
+                "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            applied = max(amount_micros, -max(0, balance - held))
+            return self._adjust(conn, user_id, "grant", amount_micros, applied, actor)
 
-    def reset(self, user_id: str, actor: str | None = None) -> Balance:
+    def _adjust(self, conn, user_id: str, kind: str, asked: int, applied: int, actor: str | None) -> Adjustment:
+        conn.execute(
+            "UPDATE accounts SET balance_micros = balance_micros + ?, updated_at = ? WHERE user_id = ?",
+            (applied, now(), user_id),
+        )
+        self._entry(conn, user_id, None, kind, applied, actor)
+        balance, held = conn.execute(
+            "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?", (user_id,)
+        ).fetchone()
+        return Adjustment(user_id, balance, held, asked_micros=asked, applied_micros=applied, kind=kind)
+
+    def reset(self, user_id: str, actor: str | None = None) -> Adjustment:
         """Back to the default allowance."""
         return self.set_balance(user_id, self.default_allowance_micros, actor)
 

@@ -572,16 +572,20 @@ async def test_the_guild_owner_manages_budgets(fake, make_bot, bob):
     await imagine_result(bot, {"prompt": "a barn"}, user=bob)
 
     text = await budget(fake, "set", {"user": bob, "amount": 5.0})
-    assert text == f"<@{bob.id}>: balance $5.0000, available $5.0000, spent this month $0.0100"
+    assert text == f"Set the balance to $5.0000.\n<@{bob.id}>: balance $5.0000, available $5.0000, spent this month $0.0100"
     assert bot.available(bob.id) == 5_000_000
     assert "available $7.5000" in await budget(fake, "grant", {"user": bob, "amount": 2.5})
     assert "balance $0.9800" in await budget(fake, "show", {"user": fake.user, "period": "day"})
     assert "spent this day $0.0200" in await budget(fake, "show", {"user": fake.user, "period": "day"})
     assert "available $1.0000" in await budget(fake, "reset", {"user": bob})
+    took = await budget(fake, "grant", {"user": bob, "amount": -999999.0})
+    assert took.startswith("Took away $1.0000 of the $999999.0000 asked: only that much was available") and "available $0.0000" in took
+    assert "available $1.0000" in await budget(fake, "reset", {"user": bob})
     actor = f"discord:{fake.owner.id}"
     assert [k for k in ledger_kinds(bot, bob) if k[0] != "charge"] == [
         ("allowance", ALLOWANCE_MICROS, None), ("set", 5_000_000 - 990_000, actor),
-        ("grant", 2_500_000, actor), ("set", 1_000_000 - 7_500_000, actor)]
+        ("grant", 2_500_000, actor), ("set", 1_000_000 - 7_500_000, actor), ("grant", -1_000_000, actor),
+        ("set", 1_000_000, actor)]
 
     report = await budget(fake, "report", {})
     assert report.splitlines() == ["**Spend this month**", f"1. <@{fake.user.id}> $0.0200",
@@ -603,7 +607,7 @@ async def test_the_guild_owner_manages_budgets(fake, make_bot, bob):
 async def test_with_admin_roles_only_those_roles_manage_budgets(fake, make_bot):
     bot = await make_bot({"discord": {"admin_roles": ["Moderator"]}})
     text = await budget(fake, "set", {"user": fake.user, "amount": 3.0}, user=fake.moderator)
-    assert text.startswith(f"<@{fake.user.id}>: balance $3.0000")
+    assert text.startswith(f"Set the balance to $3.0000.\n<@{fake.user.id}>: balance $3.0000")
     # The roles replace the Manage Server rule: the owner holds no Moderator role.
     text = await budget(fake, "set", {"user": fake.user, "amount": 9.0}, user=fake.owner)
     assert text == "\U0001f512 only admins can manage budgets"

@@ -295,6 +295,27 @@ def test_set_and_grant_write_ledger_entries(db):
     assert sum(e[2] for e in entries) == ledger.balance("ann").balance_micros
 
 
+def test_admin_changes_never_take_the_available_balance_below_zero(db):
+    ledger = Ledger(db, ONE_USD)
+    ledger.reserve("ann", 1, 300_000)  # a running job holds $0.30
+    took = ledger.grant("ann", -999_999_000_000, actor="cli:admin")
+    assert (took.asked_micros, took.applied_micros, took.limited) == (-999_999_000_000, -700_000, True)
+    assert (took.balance_micros, took.available_micros) == (300_000, 0)
+    assert "only that much was available" in took.describe()
+    assert ledger.grant("ann", -1, actor="cli:admin").applied_micros == 0  # nothing left to take
+
+    kept = ledger.set_balance("ann", 0, actor="discord:42")  # below what the job holds
+    assert (kept.balance_micros, kept.available_micros, kept.applied_micros) == (300_000, 0, 0)
+    assert kept.describe() == "set the balance to $0.3000, not $0.0000: $0.3000 is held for running jobs"
+    assert ledger.settle(1, 300_000) == 300_000  # the job can still pay what it holds
+    assert ledger.balance("ann").balance_micros == 0
+    with pytest.raises(ValueError):
+        ledger.set_balance("ann", -1)
+    entries = _entries(db, "ann")
+    assert sum(e[2] for e in entries) == ledger.balance("ann").balance_micros == 0
+    assert min(e[3] for e in entries) >= 0  # no entry left a negative balance
+
+
 def _check_concurrent_outcome(path, user_id: str, amount: int, outcomes: list[bool]) -> None:
     """Reservations are serialised: exactly as many succeed as the balance covers."""
     db = Database(path)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from .flags import FlagError, parse_aspect
 from .models import (
+    MAX_ADJUSTMENT_MICROS,
+    Adjustment,
     Balance,
     ErrorCode,
     GuildSettings,
@@ -123,15 +125,19 @@ class Accounts:
         self._settings[user_id] = await asyncio.to_thread(change)
         return self._settings[user_id]
 
-    async def set_balance(self, user_id: str, amount_micros: int, actor: str) -> Balance:
+    async def set_balance(self, user_id: str, amount_micros: int, actor: str) -> Adjustment:
+        """Never below zero, nor below what running jobs hold: the adjustment says what it did."""
         if amount_micros < 0:
             raise Refusal(ErrorCode.USAGE, "a budget cannot be set below zero")
+        _check_amount(amount_micros)
         return await asyncio.to_thread(self.ledger.set_balance, user_id, amount_micros, actor)
 
-    async def grant(self, user_id: str, amount_micros: int, actor: str) -> Balance:
+    async def grant(self, user_id: str, amount_micros: int, actor: str) -> Adjustment:
+        """A negative grant takes away at most what is available."""
+        _check_amount(amount_micros)
         return await asyncio.to_thread(self.ledger.grant, user_id, amount_micros, actor)
 
-    async def reset(self, user_id: str, actor: str) -> Balance:
+    async def reset(self, user_id: str, actor: str) -> Adjustment:
         return await asyncio.to_thread(self.ledger.reset, user_id, actor)
 
     async def report(self, guild_id: str | None, period: str | None = None) -> Report:
@@ -158,6 +164,13 @@ class Accounts:
             return updated
 
         return await asyncio.to_thread(change)
+
+
+def _check_amount(micros: int) -> None:
+    if abs(micros) > MAX_ADJUSTMENT_MICROS:
+        raise Refusal(
+            ErrorCode.USAGE, f"an amount must be at most ${MAX_ADJUSTMENT_MICROS / 1e6:,.0f} either way"
+        )
 
 
 def _pick(new: str | None, old: str | None) -> str | None:

@@ -103,6 +103,43 @@ class Balance:
         return self.balance_micros - self.reserved_micros
 
 
+# The most an admin may set or grant at once; beyond it an amount is surely a typo.
+MAX_ADJUSTMENT_MICROS = 1_000_000 * 1_000_000
+
+
+@dataclass(frozen=True)
+class Adjustment(Balance):
+    """A balance after an admin's change, and what the change did. The ledger never takes the
+    available balance below zero: a grant that would is limited to what is available, and a
+    balance is never set below what running jobs hold."""
+
+    asked_micros: int = 0  # the change to the balance that was asked for
+    applied_micros: int = 0  # the change made
+    kind: str = "grant"  # or "set"
+
+    @property
+    def limited(self) -> bool:
+        return self.applied_micros != self.asked_micros
+
+    def describe(self) -> str:
+        def usd(micros: int) -> str:
+            return f"${abs(micros) / 1e6:.4f}"
+
+        if self.kind == "set":
+            text = f"set the balance to {usd(self.balance_micros)}"
+            if self.limited:
+                asked = self.balance_micros - self.applied_micros + self.asked_micros
+                text += f", not {usd(asked)}: {usd(self.reserved_micros)} is held for running jobs"
+            return text
+        text = f"{'added' if self.applied_micros >= 0 else 'took away'} {usd(self.applied_micros)}"
+        if self.limited:
+            text += (
+                f" of the {usd(self.asked_micros)} asked: only that much was available"
+                " (a balance never goes below zero)"
+            )
+        return text
+
+
 class BudgetRefusal(Exception):
     """A reservation the ledger refused; nothing was held."""
 

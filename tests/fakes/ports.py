@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from bot.core.models import (
     ALLOWED,
+    Adjustment,
     Balance,
     Caps,
     GuildSettings,
@@ -95,6 +96,23 @@ class MemoryLedger:
 
     def held_job_ids(self):
         return list(self.held)
+
+    def set_balance(self, user_id, amount_micros, actor=None):
+        b = self.balance(user_id)
+        return self._adjust(b, amount_micros - b.balance_micros,
+                            max(amount_micros, b.reserved_micros) - b.balance_micros, "set")
+
+    def grant(self, user_id, amount_micros, actor=None):
+        b = self.balance(user_id)
+        return self._adjust(b, amount_micros, max(amount_micros, -max(0, b.available_micros)), "grant")
+
+    def reset(self, user_id, actor=None):
+        return self.set_balance(user_id, self.allowance, actor)
+
+    def _adjust(self, b, asked, applied, kind):
+        self.balances[b.user_id] = b.balance_micros + applied
+        after = self.balance(b.user_id)
+        return Adjustment(b.user_id, after.balance_micros, after.reserved_micros, asked, applied, kind)
 
 
 class MemoryBlobs:

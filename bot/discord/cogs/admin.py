@@ -1,13 +1,14 @@
 """/budget for admins: show, set, grant, reset, report and the server's spending cap."""
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from ...core.models import ErrorCode, usd_to_micros
+from ...core.models import Adjustment, ErrorCode, Refusal, usd_to_micros
 from ..context import is_admin
 from ..delivery import Delivery
 from ..errors import Refused
@@ -38,20 +39,21 @@ class Admin(commands.Cog):
     async def set_balance(self, interaction: discord.Interaction, user: discord.Member, amount: float) -> None:
         if amount < 0:
             raise Refused("/budget set needs an amount in USD (0 or more)")
-        await self.app.accounts.set_balance(str(user.id), usd_to_micros(amount), _actor(interaction))
-        await self._answer(interaction, user)
+        done = await self._adjusting(self.app.accounts.set_balance(str(user.id), usd_to_micros(amount),
+                                                                   _actor(interaction)))
+        await self._answer(interaction, user, did=done.describe())
 
     @budget.command(name="grant", description="Add to a member's balance")
     @app_commands.describe(user="the member", amount="USD to add (negative to take away)")
     async def grant(self, interaction: discord.Interaction, user: discord.Member, amount: float) -> None:
-        await self.app.accounts.grant(str(user.id), usd_to_micros(amount), _actor(interaction))
-        await self._answer(interaction, user)
+        done = await self._adjusting(self.app.accounts.grant(str(user.id), usd_to_micros(amount), _actor(interaction)))
+        await self._answer(interaction, user, did=done.describe())
 
     @budget.command(name="reset", description="Put a member's balance back to the default allowance")
     @app_commands.describe(user="the member")
     async def reset(self, interaction: discord.Interaction, user: discord.Member) -> None:
-        await self.app.accounts.reset(str(user.id), _actor(interaction))
-        await self._answer(interaction, user)
+        done = await self.app.accounts.reset(str(user.id), _actor(interaction))
+        await self._answer(interaction, user, did=done.describe())
 
     @budget.command(name="report", description="Top spenders and spend per provider")
     @app_commands.describe(period="spend over this period (default: the budget period)")
@@ -79,11 +81,19 @@ class Admin(commands.Cog):
                 if cap else "This server has no spending cap now.")
         await interaction.response.send_message(text, ephemeral=True)
 
-    async def _answer(self, interaction: discord.Interaction, user: discord.Member, period: str | None = None) -> None:
+    @staticmethod
+    async def _adjusting(change: Awaitable[Adjustment]) -> Adjustment:
+        try:
+            return await change
+        except Refusal as exc:
+            raise Refused(str(exc), exc.code) from None
+
+    async def _answer(self, interaction: discord.Interaction, user: discord.Member, period: str | None = None,
+                      did: str | None = None) -> None:
         usage = await self.app.accounts.usage(str(user.id), period)
         b = usage.balance
         await interaction.response.send_message(
-            f"{user.mention}: balance {usd(b.balance_micros)}, available {usd(b.available_micros)}, "
+            (f"{did[0].upper()}{did[1:]}.\n" if did else "") + f"{user.mention}: balance {usd(b.balance_micros)}, available {usd(b.available_micros)}, "
             f"spent this {usage.period} {usd(usage.spent_micros)}",
             ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
 
