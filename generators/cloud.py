@@ -5,12 +5,14 @@ first request), the SDK client and an HTTP session for fetching outputs.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import json
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from bot.core.models import ModelSpec, UnsupportedRequest
+from bot.core.models import GeneratorError, ModelSpec, TransientGeneratorError, UnsupportedRequest
 
 if TYPE_CHECKING:
     import aiohttp
@@ -56,6 +58,21 @@ def find_model(specs: tuple[ModelSpec, ...], name: str) -> ModelSpec:
     raise UnsupportedRequest(
         f"model {name!r} is not served here; models available: {', '.join(s.name for s in specs)}"
     )
+
+
+def is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return False
+    return True
+
+
+def describe_answer(response: Any) -> str:
+    """What an HTTP answer was, for a message: its content type and size, never its text (which
+    may quote a key). `response`: anything with `headers` and `content` (httpx, the openai SDK)."""
+    content_type = response.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+    return f"{content_type}, {len(response.content)} bytes"
 
 
 class CloudGenerator:
@@ -123,6 +140,39 @@ class OpenAICompatible(CloudGenerator):
 
     sdk_module = "openai"
     service: str  # the provider's name in messages
+
+    async def _images(self, call: str, **params: Any) -> Any:
+        """`client.images.<call>(**params)`: its ImagesResponse, else a GeneratorError. The SDK's
+        timeout is per read (a server trickling its answer a byte at a time never trips it), so
+        the whole call gets `timeout_s` here; an answer that is not an images response (a proxy's
+        HTML page) is reported as such."""
+        from openai import OpenAIError
+        from openai.types import ImagesResponse
+
+        from generators.openai_images import translate_openai_error
+
+        method = getattr(self._sdk().images.with_raw_response, call)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                raw = await method(**params)
+        except TimeoutError:
+            raise TransientGeneratorError(
+                f"{self.service} did not answer within {self._timeout_s:g} s"
+            ) from None
+        except OpenAIError as exc:
+            raise translate_openai_error(
+                exc, service=self.service, api_key=self._api_key, timeout_s=self._timeout_s
+            ) from None
+        try:
+            response = raw.parse()
+        except ValueError:  # a JSON content type, but no JSON (or not of the expected shape)
+            response = None
+        if isinstance(response, ImagesResponse):
+            return response
+        # Not retried: the image may have been made (and billed) all the same.
+        what = "JSON that is not an images response" if is_json(raw.content) else (
+            "something that is not JSON")
+        raise GeneratorError(f"{self.service} answered with {what} ({describe_answer(raw)})")
 
     async def _first_image(self, response: Any, expected_size: tuple[int, int]):
         """The first image of an images response, from its base64 data or fetched from its URL

@@ -22,7 +22,7 @@ from bot.core.models import (
     TransientGeneratorError,
     UnsupportedRequest,
 )
-from generators.cloud import OpenAICompatible, find_model
+from generators.cloud import OpenAICompatible, describe_answer, find_model, is_json
 from generators.download import parse_retry_after
 from generators.images import ImageRejected, decode_image, encode_png
 
@@ -114,6 +114,8 @@ def translate_openai_error(
     status = exc.status_code
     body = exc.body if isinstance(exc.body, dict) else {}
     message = redact(str(body.get("message") or "no details given"), api_key)[:500]
+    if not isinstance(exc.body, dict) and exc.response.content.strip() and not is_json(exc.response.content):
+        message = f"an answer that is not JSON ({describe_answer(exc.response)})"  # a proxy's page
     code = str(body.get("code") or body.get("type") or "")
     if status == 401:
         # OpenAI's 401 message quotes part of the key, so it is not passed on.
@@ -201,29 +203,21 @@ class OpenAIImages(OpenAICompatible):
         spec.check(request)
         options = self._options(spec, request)
         size = f"{request.width}x{request.height}"
-        client = self._sdk()
-        from openai import OpenAIError
-
         common = dict(model=spec.name, prompt=request.prompt, size=size, n=1, quality=options["quality"])
-        try:
-            if request.kind == "edit":
-                if request.source_image is None:
-                    raise UnsupportedRequest("an edit needs the image to edit")
-                files: dict[str, Any] = {"image": ("image.png", request.source_image, "image/png")}
-                if request.mask_image is not None:
-                    mask = await asyncio.to_thread(_alpha_mask, request.source_image, request.mask_image)
-                    files["mask"] = ("mask.png", mask, "image/png")
-                response = await client.images.edit(**common, output_format="png", **files)
-            elif spec.name == "dall-e-3":
-                # b64_json spares a second fetch from a URL that expires.
-                response = await client.images.generate(
-                    **common, style=options["style"], response_format="b64_json")
-            else:  # GPT Image models always answer with b64_json and reject `response_format`.
-                response = await client.images.generate(**common, output_format="png")
-        except OpenAIError as exc:
-            raise translate_openai_error(
-                exc, service="OpenAI", api_key=self._api_key, timeout_s=self._timeout_s
-            ) from None
+        if request.kind == "edit":
+            if request.source_image is None:
+                raise UnsupportedRequest("an edit needs the image to edit")
+            files: dict[str, Any] = {"image": ("image.png", request.source_image, "image/png")}
+            if request.mask_image is not None:
+                mask = await asyncio.to_thread(_alpha_mask, request.source_image, request.mask_image)
+                files["mask"] = ("mask.png", mask, "image/png")
+            response = await self._images("edit", **common, output_format="png", **files)
+        elif spec.name == "dall-e-3":
+            # b64_json spares a second fetch from a URL that expires.
+            response = await self._images(
+                "generate", **common, style=options["style"], response_format="b64_json")
+        else:  # GPT Image models always answer with b64_json and reject `response_format`.
+            response = await self._images("generate", **common, output_format="png")
 
         image = await self._first_image(response, (request.width, request.height))
         item = response.data[0]

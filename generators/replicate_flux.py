@@ -24,7 +24,7 @@ from bot.core.models import (
     TransientGeneratorError,
     UnsupportedRequest,
 )
-from generators.cloud import CloudGenerator, find_model
+from generators.cloud import CloudGenerator, describe_answer, find_model, is_json
 from generators.download import InvalidProviderImage, fetch_image, parse_retry_after
 
 if TYPE_CHECKING:
@@ -147,6 +147,24 @@ async def _raise_on_rate_limit(response: httpx.Response) -> None:
         )
 
 
+async def _raise_on_non_json(response: httpx.Response) -> None:
+    """An httpx response hook: an answer that is not JSON (a proxy's HTML error page) is reported
+    as such, rather than as the JSONDecodeError the SDK would raise for it."""
+    if response.status_code == 204:
+        return
+    await response.aread()
+    if is_json(response.content):
+        return
+    what = f"something that is not JSON ({describe_answer(response)})"
+    status = response.status_code
+    if status >= 500 or status == 408:
+        raise TransientGeneratorError(f"Replicate failed with HTTP {status} and answered with {what}")
+    if status >= 400:
+        raise GeneratorError(f"Replicate refused the request (HTTP {status}) and answered with {what}")
+    # Not retried: a garbled answer to a create may still have started (and billed) a prediction.
+    raise GeneratorError(f"Replicate answered with {what}")
+
+
 class ReplicateFlux(CloudGenerator):
     """Generator for Flux schnell, dev and 1.1 pro on Replicate."""
 
@@ -170,7 +188,7 @@ class ReplicateFlux(CloudGenerator):
             self._client = replicate.Client(
                 api_token=self._api_key,
                 base_url=self._base_url,
-                event_hooks={"response": [_raise_on_rate_limit]},
+                event_hooks={"response": [_raise_on_rate_limit, _raise_on_non_json]},
             )
         return self._client
 
@@ -192,7 +210,9 @@ class ReplicateFlux(CloudGenerator):
             async with asyncio.timeout_at(deadline):
                 prediction = await client.models.predictions.async_create(model=ref, input=model_input)
         except TimeoutError:
-            raise TransientGeneratorError(f"Replicate did not take the {ref} prediction in time") from None
+            raise TransientGeneratorError(
+                f"Replicate did not answer within {self._timeout_s:g} s (creating the {ref} prediction)"
+            ) from None
         try:
             async with asyncio.timeout_at(deadline):
                 while prediction.status not in TERMINAL:

@@ -15,7 +15,6 @@ from bot.core.models import (
     ProgressCallback,
 )
 from generators.cloud import OpenAICompatible, find_model
-from generators.openai_images import translate_openai_error
 
 PROVIDER = "together"
 DEFAULT_BASE_URL = "https://api.together.xyz/v1"
@@ -74,27 +73,20 @@ class TogetherFlux(OpenAICompatible):
         spec.check(request)
         steps = request.steps if request.steps is not None else DEFAULT_STEPS
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        client = self._sdk()
-        from openai import OpenAIError
-
-        try:
-            response = await client.images.generate(
-                model=MODEL_IDS[spec.name],
-                prompt=request.prompt,
-                n=1,
-                response_format="b64_json",
-                extra_body={
-                    "width": request.width,
-                    "height": request.height,
-                    "steps": steps,
-                    "seed": seed,
-                    "output_format": "png",
-                },
-            )
-        except OpenAIError as exc:
-            raise translate_openai_error(
-                exc, service="Together", api_key=self._api_key, timeout_s=self._timeout_s
-            ) from None
+        response = await self._images(
+            "generate",
+            model=MODEL_IDS[spec.name],
+            prompt=request.prompt,
+            n=1,
+            response_format="b64_json",
+            extra_body={
+                "width": request.width,
+                "height": request.height,
+                "steps": steps,
+                "seed": seed,
+                "output_format": "png",
+            },
+        )
 
         image = await self._first_image(response, (request.width, request.height))
         return GeneratedImage(

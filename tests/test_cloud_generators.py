@@ -43,6 +43,7 @@ from tests.fakes.providers import (
     Outcome,
     Reply,
     decompression_bomb_png,
+    html_page,
     image_bytes,
     openai_error,
     replicate_error,
@@ -89,8 +90,8 @@ def replicate_at(fake: FakeReplicate, api_key: str | None = None, timeout_s: flo
     return ReplicateFlux(api_key or fake.api_key, base_url=fake.base_url, timeout_s=timeout_s)
 
 
-def together_at(fake: FakeTogether) -> TogetherFlux:
-    return TogetherFlux(fake.api_key, base_url=f"{fake.base_url}/v1", timeout_s=3)
+def together_at(fake: FakeTogether, timeout_s: float = 3) -> TogetherFlux:
+    return TogetherFlux(fake.api_key, base_url=f"{fake.base_url}/v1", timeout_s=timeout_s)
 
 
 def closed_port() -> int:
@@ -586,7 +587,7 @@ async def test_a_failing_poll_cancels_the_prediction(replicate_fake, replicate_g
 
 async def test_a_garbled_answer_is_an_error_and_cancels_the_prediction(replicate_fake, replicate_gen):
     replicate_fake.script("get", Reply(body=b"<html>proxy error</html>"))
-    with pytest.raises(GeneratorError, match="unexpected answer") as caught:
+    with pytest.raises(GeneratorError, match=r"not JSON \(application/octet-stream, 24 bytes\)") as caught:
         await replicate_gen.generate(request("flux-schnell", seed=1))
     assert not caught.value.transient
     assert replicate_fake.cancelled == list(replicate_fake.predictions)
@@ -750,6 +751,128 @@ async def test_together_base_url_defaults_to_together_or_its_environment_variabl
         assert str(gen._sdk().base_url) == "https://api.together.xyz/v1/"
 
 
+# --- All providers: answers that trickle in, answers that are not JSON ----------------------
+
+# A whole answer, sent one byte every 0.5 s: each read is well within the SDKs' read timeouts.
+TRICKLE = 0.5
+IMAGES_ANSWER = {"created": 1, "data": [{"b64_json": "iVBORw0KGgo="}]}
+
+
+async def test_openai_an_answer_trickling_in_fails_at_timeout_s_in_all(openai_fake):
+    openai_fake.script("generations", Reply(json=IMAGES_ANSWER, trickle_s=TRICKLE))
+    async with opened(openai_at(openai_fake, timeout_s=1)) as gen:
+        gen._sdk()  # built (and its SDK imported) before the clock starts
+        started = time.monotonic()
+        with pytest.raises(TransientGeneratorError, match="^OpenAI did not answer within 1 s$"):
+            await gen.generate(request("dall-e-3"))
+    assert time.monotonic() - started < 2
+
+
+async def test_openai_an_edit_trickling_in_fails_at_timeout_s_in_all(openai_fake):
+    openai_fake.script("edits", Reply(json=IMAGES_ANSWER, trickle_s=TRICKLE))
+    edit = request("gpt-image-1", kind="edit", source_image=image_bytes(64, 64))
+    async with opened(openai_at(openai_fake, timeout_s=1)) as gen:
+        gen._sdk()  # built (and its SDK imported) before the clock starts
+        started = time.monotonic()
+        with pytest.raises(TransientGeneratorError, match="^OpenAI did not answer within 1 s$"):
+            await gen.generate(edit)
+    assert time.monotonic() - started < 2
+
+
+async def test_together_an_answer_trickling_in_fails_at_timeout_s_in_all(together_fake):
+    together_fake.script("generations", Reply(json=IMAGES_ANSWER, trickle_s=TRICKLE))
+    async with opened(together_at(together_fake, timeout_s=1)) as gen:
+        gen._sdk()  # built (and its SDK imported) before the clock starts
+        started = time.monotonic()
+        with pytest.raises(TransientGeneratorError, match="^Together did not answer within 1 s$"):
+            await gen.generate(request("together/flux-schnell", seed=1))
+    assert time.monotonic() - started < 2
+
+
+async def test_replicate_a_create_trickling_in_fails_at_timeout_s_in_all(replicate_fake):
+    answer = {"id": "q1", "status": "starting", "urls": {}}
+    replicate_fake.script("create", Reply(status=201, json=answer, trickle_s=TRICKLE))
+    async with opened(replicate_at(replicate_fake, timeout_s=1)) as gen:
+        gen._sdk()  # built (and its SDK imported) before the clock starts
+        started = time.monotonic()
+        with pytest.raises(TransientGeneratorError, match=r"^Replicate did not answer within 1 s \(creating"):
+            await gen.generate(request("flux-schnell", seed=1))
+    assert time.monotonic() - started < 2
+
+
+async def test_replicate_a_poll_trickling_in_fails_at_timeout_s_and_cancels(replicate_fake):
+    replicate_fake.script("get", Reply(json={"id": "q1", "status": "processing"}, trickle_s=TRICKLE))
+    async with opened(replicate_at(replicate_fake, timeout_s=1)) as gen:
+        gen._sdk()  # built (and its SDK imported) before the clock starts
+        started = time.monotonic()
+        with pytest.raises(TransientGeneratorError, match="did not finish within 1 s; the prediction was cancelled"):
+            await gen.generate(request("flux-schnell", seed=1))
+    assert time.monotonic() - started < 2
+    assert replicate_fake.cancelled == list(replicate_fake.predictions)
+
+
+NOT_JSON = [
+    pytest.param(html_page(), "text/html, 84 bytes", id="html"),
+    pytest.param(Reply(body=b'{"data": [{"b64_json": "iVBO', headers={"Content-Type": "application/json"}),
+                 "application/json, 28 bytes", id="cut-off-json"),
+]
+
+
+@pytest.mark.parametrize(("reply", "what"), NOT_JSON)
+async def test_openai_an_answer_that_is_not_json_is_a_clear_error(openai_fake, openai_gen, reply, what):
+    openai_fake.script("generations", reply)
+    with pytest.raises(GeneratorError) as caught:
+        await openai_gen.generate(request("dall-e-3"))
+    assert str(caught.value) == f"OpenAI answered with something that is not JSON ({what})"
+    assert not caught.value.transient  # the image may have been made and billed: not retried
+    assert_secret_absent(caught.value, openai_fake.api_key)
+
+
+async def test_openai_a_proxy_error_page_is_transient_and_says_what_came(openai_fake, openai_gen):
+    openai_fake.script("generations", html_page(502))
+    with pytest.raises(TransientGeneratorError) as caught:
+        await openai_gen.generate(request("gpt-image-1"))
+    assert str(caught.value) == "OpenAI failed with HTTP 502: an answer that is not JSON (text/html, 84 bytes)"
+    assert_secret_absent(caught.value, openai_fake.api_key)
+
+
+@pytest.mark.parametrize(("reply", "what"), NOT_JSON)
+async def test_together_an_answer_that_is_not_json_is_a_clear_error(together_fake, together_gen, reply, what):
+    together_fake.script("generations", reply)
+    with pytest.raises(GeneratorError) as caught:
+        await together_gen.generate(request("together/flux-schnell", seed=1))
+    assert str(caught.value) == f"Together answered with something that is not JSON ({what})"
+    assert not caught.value.transient
+    assert_secret_absent(caught.value, together_fake.api_key)
+
+
+async def test_together_a_proxy_error_page_is_transient_and_says_what_came(together_fake, together_gen):
+    together_fake.script("generations", html_page(502))
+    with pytest.raises(TransientGeneratorError) as caught:
+        await together_gen.generate(request("together/flux-schnell", seed=1))
+    assert str(caught.value) == "Together failed with HTTP 502: an answer that is not JSON (text/html, 84 bytes)"
+
+
+@pytest.mark.parametrize(("reply", "what"), NOT_JSON)
+async def test_replicate_an_answer_that_is_not_json_is_a_clear_error(replicate_fake, replicate_gen, reply, what):
+    replicate_fake.script("create", reply)
+    with pytest.raises(GeneratorError) as caught:
+        await replicate_gen.generate(request("flux-schnell", seed=1))
+    assert str(caught.value) == f"Replicate answered with something that is not JSON ({what})"
+    assert not caught.value.transient
+    assert_secret_absent(caught.value, replicate_fake.api_key)
+
+
+async def test_replicate_a_proxy_error_page_is_transient_and_says_what_came(replicate_fake, replicate_gen):
+    replicate_fake.script("create", html_page(502))
+    with pytest.raises(TransientGeneratorError) as caught:
+        await replicate_gen.generate(request("flux-schnell", seed=1))
+    assert str(caught.value) == (
+        "Replicate failed with HTTP 502 and answered with something that is not JSON (text/html, 84 bytes)"
+    )
+    assert replicate_fake.predictions == {}
+
+
 # --- All providers: bad outputs -------------------------------------------------------------
 
 BAD_OUTPUTS = [
@@ -827,6 +950,14 @@ async def test_fetch_image_retries_timeouts_then_reports_them_as_transient(file_
         await fetch_image(url, timeout_s=0.2, attempts=2)
     assert time.monotonic() - started < 2
     assert file_host.hosted_at(url).requests == 2
+
+
+async def test_fetch_image_gives_a_trickling_download_timeout_s_in_all(file_host):
+    url = file_host.host(image_bytes(16, 16), HostPolicy(trickle_s=TRICKLE))
+    started = time.monotonic()
+    with pytest.raises(TransientGeneratorError, match=r"1 times \(last: no complete answer within 1 s\)"):
+        await fetch_image(url, timeout_s=1, attempts=1)
+    assert time.monotonic() - started < 2
 
 
 async def test_fetch_image_passes_on_retry_after_when_it_gives_up(file_host):

@@ -3,6 +3,8 @@ and the money on every path."""
 from __future__ import annotations
 
 import logging
+import re
+import time
 
 import pytest
 
@@ -17,6 +19,7 @@ from tests.fakes.providers import (
     HostPolicy,
     Outcome,
     openai_error,
+    replicate_error,
 )
 from tests.helpers import job_request, start_app
 
@@ -160,3 +163,46 @@ async def test_cloud_generator_is_off_without_its_key(tmp_path, fakes, monkeypat
     assert "dall-e-3" not in names and "flux-schnell" in names
     app2 = make_app(tmp_path / "b", fakes, generators={"local": {"enabled": False}, "together": {"enabled": False}})
     assert "together/flux-schnell" not in {s.name for s in app2.router.models()}
+
+
+def rate_limited(retry_after: str):
+    return openai_error(429, "Rate limit reached for images per minute.", type="requests",
+                        code="rate_limit_exceeded", headers={"Retry-After": retry_after})
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "overrides", "message"),
+    [
+        ("86400", {}, r"openai asked to wait 86400 s; easel gives up after 60 s"),
+        ("10", {"routing": {"retry_max_wait_s": 5}}, r"openai asked to wait 10 s; easel gives up after 5 s"),
+        ("30", {"generation": {"job_timeout_s": 20}}, r"openai asked to wait 30 s; the job has (20|19\.\d) s left"),
+    ],
+    ids=["over-the-default-cap", "over-the-configured-cap", "past-the-job-deadline"],
+)
+async def test_a_retry_after_not_worth_waiting_for_fails_the_job_at_once_and_refunds(
+    tmp_path, fakes, retry_after, overrides, message
+):
+    openai, _, _ = fakes
+    openai.script("generations", rate_limited(retry_after))
+    app = make_app(tmp_path, fakes, **overrides)
+    started = time.monotonic()
+    out = await app.service.submit(job_request("imagine", "u1", "a fox", model="dall-e-3"))
+    assert time.monotonic() - started < 2
+    assert out.status == "failed"
+    assert out.error and re.search(message, out.error), out.error
+    assert openai.api_key not in out.error
+    assert len(openai.calls("POST", "/v1/images/generations")) == 1
+    assert balance(app).available_micros == usd_to_micros(1.0) and balance(app).reserved_micros == 0
+
+
+async def test_a_retry_after_over_the_cap_moves_on_to_the_fallback(tmp_path, fakes):
+    _, replicate, together = fakes
+    limited = replicate_error(429, "Throttled", "Request was throttled.", headers={"Retry-After": "86400"})
+    replicate.script("create", limited)
+    app = make_app(tmp_path, fakes, routing={"fallbacks": {"flux-schnell": "together/flux-schnell"}})
+    started = time.monotonic()
+    out = await app.service.submit(job_request("imagine", "u1", "a fox --seed 5", size=(1024, 1024)))
+    assert time.monotonic() - started < 2
+    assert out.ok, out.error
+    assert (out.job.model, out.job.provider) == ("together/flux-schnell", "together")
+    assert len(replicate.calls("POST", "/v1/models/")) == 1 and len(together.calls("POST", "/v1/images")) == 1

@@ -1,6 +1,8 @@
 """Routing: aliases, retries, fallbacks and the circuit breaker, with prepared generators."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from bot.core.models import GeneratorError, TransientGeneratorError
@@ -111,3 +113,67 @@ async def test_retry_after_is_honoured():
     router = Router([gen], retry=RetryPolicy(attempts=3, base_delay_s=0.01), sleep=sleep)
     await router.generate(router.resolve("fake-model"), request("fake-model"))
     assert waits and waits[0] >= 7.5
+
+
+class Sleeps:
+    """A sleep that records what it was asked to wait, and does not wait."""
+
+    def __init__(self):
+        self.waits = []
+
+    async def __call__(self, seconds):
+        self.waits.append(seconds)
+
+
+async def test_a_retry_after_over_the_cap_gives_up_on_the_route_at_once_and_falls_back():
+    sleep = Sleeps()
+    primary = PreparedGenerator(provider="p1", model="primary",
+                                script=[TransientGeneratorError("429", retry_after=86400)])
+    backup = PreparedGenerator(provider="p2", model="backup")
+    router = Router([primary, backup], retry=RetryPolicy(attempts=3, max_retry_after_s=60), sleep=sleep,
+                    fallbacks={"primary": "backup"})
+    result = await router.generate(router.resolve("primary"), request("primary"))
+    assert result.model == "backup"
+    assert len(primary.calls) == 1 and sleep.waits == []
+
+
+async def test_a_retry_after_over_the_cap_without_a_fallback_fails_plainly():
+    sleep = Sleeps()
+    gen = PreparedGenerator(provider="openai", script=[TransientGeneratorError("429", retry_after=86400.0)])
+    router = Router([gen], retry=RetryPolicy(attempts=3), sleep=sleep)
+    with pytest.raises(TransientGeneratorError, match=r"^openai asked to wait 86400 s; easel gives up after 60 s$"):
+        await router.generate(router.resolve("fake-model"), request("fake-model"))
+    assert len(gen.calls) == 1 and sleep.waits == []
+
+
+async def test_a_retry_after_past_the_jobs_deadline_gives_up_at_once():
+    sleep = Sleeps()
+    gen = PreparedGenerator(script=[TransientGeneratorError("429", retry_after=30)])
+    router = Router([gen], retry=RetryPolicy(attempts=3), sleep=sleep)
+    deadline = asyncio.get_running_loop().time() + 10
+    with pytest.raises(TransientGeneratorError, match=r"fake asked to wait 30 s; the job has (10|9.9) s left"):
+        await router.generate(router.resolve("fake-model"), request("fake-model"), deadline=deadline)
+    assert len(gen.calls) == 1 and sleep.waits == []
+
+
+async def test_a_retry_after_within_the_cap_and_the_deadline_is_waited_for():
+    sleep = Sleeps()
+    gen = PreparedGenerator(script=[TransientGeneratorError("429", retry_after=7.5)])
+    router = Router([gen], retry=RetryPolicy(attempts=3, base_delay_s=0.001), sleep=sleep)
+    deadline = asyncio.get_running_loop().time() + 30
+    result = await router.generate(router.resolve("fake-model"), request("fake-model"), deadline=deadline)
+    assert result.model == "fake-model" and sleep.waits == [7.5]
+
+
+async def test_no_backoff_sleep_outlasts_the_time_left():
+    sleep = Sleeps()
+    gen = PreparedGenerator(script=[TransientGeneratorError("503 try later")] * 3)
+    router = Router([gen], retry=RetryPolicy(attempts=3, base_delay_s=30, max_delay_s=30), sleep=sleep)
+    deadline = asyncio.get_running_loop().time()  # the job's time is up
+    with pytest.raises(TransientGeneratorError, match="503 try later"):
+        await router.generate(router.resolve("fake-model"), request("fake-model"), deadline=deadline)
+    assert len(gen.calls) == 1 and sleep.waits == []
+
+
+def test_retry_policy_caps_the_wait_a_provider_may_ask_for_at_60_s_by_default():
+    assert RetryPolicy().max_retry_after_s == 60.0

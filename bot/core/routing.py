@@ -39,6 +39,9 @@ class RetryPolicy:
     attempts: int = 3
     base_delay_s: float = 1.0
     max_delay_s: float = 30.0
+    # A provider asking to wait longer than this (Retry-After) is given up on at once, rather than
+    # waited for with the user's money held.
+    max_retry_after_s: float = 60.0
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with full jitter; a provider's Retry-After wins when longer."""
@@ -180,10 +183,16 @@ class Router:
         return out
 
     async def generate(
-        self, route: Route, request: GenerationRequest, progress: ProgressCallback | None = None
+        self,
+        route: Route,
+        request: GenerationRequest,
+        progress: ProgressCallback | None = None,
+        *,
+        deadline: float | None = None,
     ) -> GeneratedImage:
         """Generate with the route's model, or a fallback while its provider fails. The result
-        names the model that really made the image."""
+        names the model that really made the image. `deadline` (a `loop.time()` value) is when
+        the job's time runs out: no wait between attempts goes past it."""
         last: Exception | None = None
         for candidate, req in self.candidates(route, request):
             breaker = self.breakers[candidate.generator.provider]
@@ -193,7 +202,7 @@ class Router:
                 )
                 continue
             try:
-                result = await self._with_retries(candidate, req, progress)
+                result = await self._with_retries(candidate, req, progress, deadline)
             except (TransientGeneratorError, GeneratorUnavailable) as exc:
                 breaker.record_failure()
                 log.warning("%s failed: %s", candidate.spec.name, exc)
@@ -207,7 +216,11 @@ class Router:
         raise last
 
     async def _with_retries(
-        self, route: Route, request: GenerationRequest, progress: ProgressCallback | None
+        self,
+        route: Route,
+        request: GenerationRequest,
+        progress: ProgressCallback | None,
+        deadline: float | None,
     ) -> GeneratedImage:
         attempt = 0
         while True:
@@ -217,10 +230,38 @@ class Router:
                 attempt += 1
                 if attempt >= self.retry.attempts:
                     raise
-                delay = self.retry.delay(attempt, exc.retry_after)
+                delay = self._wait_before_retry(route, exc, attempt, deadline)
                 log.warning("%s failed (%s); retry %d in %.1fs", route.spec.name, exc, attempt, delay)
                 await self._sleep(delay)
+
+    def _wait_before_retry(
+        self, route: Route, exc: TransientGeneratorError, attempt: int, deadline: float | None
+    ) -> float:
+        """How long to wait before the next attempt; raises (giving up on the route, so that a
+        fallback serves or the job fails and is refunded) when that wait is not worth making:
+        the provider asks for more than `max_retry_after_s`, or for more than the job has left."""
+        provider = route.generator.provider
+        left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        wait = exc.retry_after
+        if wait is not None and wait > self.retry.max_retry_after_s:
+            raise TransientGeneratorError(
+                f"{provider} asked to wait {_seconds(wait)} s; "
+                f"easel gives up after {_seconds(self.retry.max_retry_after_s)} s"
+            ) from exc
+        if wait is not None and left is not None and wait > left:
+            raise TransientGeneratorError(
+                f"{provider} asked to wait {_seconds(wait)} s; the job has {_seconds(max(left, 0.0))} s left"
+            ) from exc
+        delay = self.retry.delay(attempt, wait)
+        if left is not None and delay >= left:
+            raise exc  # the backoff would outlast the job: no time for another attempt
+        return delay
 
     async def close(self) -> None:
         for gen in self.generators:
             await gen.close()
+
+
+def _seconds(value: float) -> str:
+    """Seconds for a message: 86400, 59.7, 1.5."""
+    return f"{value:.0f}" if value >= 100 else f"{round(value, 1):g}"

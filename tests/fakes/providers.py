@@ -5,7 +5,7 @@ Each fake records every request it gets (method, path, headers without Authoriza
 multipart parts), answers API calls as the provider would (including its validation errors and
 error envelopes), makes images with PIL at the requested size, and hosts output files itself, so
 tests can script expiring URLs, failing downloads and bad bytes. A test scripts a behaviour by
-queueing `Reply`s for a route (429, 500, a hang...), by setting `make_output` (HTML, a truncated
+queueing `Reply`s for a route (429, 500, a hang, an HTML page, a body trickling in...), by setting `make_output` (HTML, a truncated
 PNG, a decompression bomb), `output_policy` (how output URLs behave) or, on FakeReplicate,
 `outcome` (how predictions end).
 """
@@ -17,6 +17,7 @@ import functools
 import hashlib
 import io
 import itertools
+import json
 import struct
 import time
 import zlib
@@ -72,13 +73,20 @@ def decompression_bomb_png() -> bytes:
 @dataclass
 class Reply:
     """A scripted answer to the next call of a route. `delay_s` before answering: a large one is a
-    hanging server."""
+    hanging server. `trickle_s`: the body is sent one byte every that many seconds (a server
+    that keeps the connection alive without ever finishing its answer)."""
 
     status: int = 200
     json: Any = None
     body: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    trickle_s: float = 0.0
+
+
+def html_page(status: int = 200, body: bytes = HTML_ERROR_PAGE) -> Reply:
+    """An HTML page where the API's JSON was due (a proxy's or a CDN's error page)."""
+    return Reply(status=status, body=body, headers={"Content-Type": "text/html; charset=utf-8"})
 
 
 def _openai_envelope(message: str, type: str, param: str | None, code: str | None) -> dict[str, Any]:
@@ -144,7 +152,8 @@ RECORD = web.RequestKey("record", RecordedRequest)  # the handler's view of what
 class HostPolicy:
     """How a hosted file answers: `fail_first` statuses (with `retry_after` when set) before
     serving it, then 404 once it has been served `expire_after` times (a signed URL that expired).
-    `delay_s` before each answer; `chunked` sends it without a Content-Length."""
+    `delay_s` before each answer; `chunked` sends it without a Content-Length; `trickle_s` sends
+    it one byte every that many seconds."""
 
     expire_after: int | None = None
     fail_first: tuple[int, ...] = ()
@@ -152,6 +161,7 @@ class HostPolicy:
     delay_s: float = 0.0
     chunked: bool = False
     content_type: str = "image/png"
+    trickle_s: float = 0.0
 
 
 @dataclass
@@ -259,7 +269,7 @@ class FakeServer:
                 await self._pause(self.latency_s)
         return await handler(request)
 
-    async def scripted(self, route: str) -> web.Response | None:
+    async def scripted(self, route: str, request: web.Request) -> web.StreamResponse | None:
         """The next scripted reply for `route`, after its delay; None when nothing is scripted."""
         queue = self._scripts.get(route)
         if not queue:
@@ -267,9 +277,35 @@ class FakeServer:
         reply = queue.popleft()
         if reply.delay_s:
             await self._pause(reply.delay_s)
+        headers = dict(reply.headers)
         if reply.json is not None:
-            return web.json_response(reply.json, status=reply.status, headers=reply.headers)
-        return web.Response(body=reply.body or b"", status=reply.status, headers=reply.headers)
+            body = json.dumps(reply.json).encode()
+            headers.setdefault("Content-Type", "application/json")
+        else:
+            body = reply.body or b""
+        if reply.trickle_s:
+            return await self._trickle(request, body, reply.trickle_s, status=reply.status, headers=headers)
+        return web.Response(body=body, status=reply.status, headers=headers)
+
+    async def _trickle(
+        self, request: web.Request, body: bytes, interval_s: float, *, status: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> web.StreamResponse:
+        """Send `body` (with its Content-Length) one byte every `interval_s` seconds, until it is
+        all sent, the client hangs up or the server stops."""
+        response = web.StreamResponse(status=status, headers=headers or {})
+        response.content_length = len(body)
+        await response.prepare(request)
+        try:
+            for i in range(len(body)):
+                await response.write(body[i : i + 1])
+                await self._pause(interval_s)
+                if self._stopping.is_set():
+                    return response
+            await response.write_eof()
+        except ConnectionError:  # the client gave up
+            pass
+        return response
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but stop early when the server stops (so a hanging reply ends with the test)."""
@@ -294,6 +330,9 @@ class FakeServer:
             expired = "<Error><Code>BlobNotFound</Code></Error>"
             return web.Response(status=404, content_type="application/xml", text=expired)
         hosted.served += 1
+        if policy.trickle_s:
+            headers = {"Content-Type": policy.content_type}
+            return await self._trickle(request, hosted.data, policy.trickle_s, headers=headers)
         if not policy.chunked:
             return web.Response(body=hosted.data, content_type=policy.content_type)
         response = web.StreamResponse(headers={"Content-Type": policy.content_type})
@@ -398,7 +437,7 @@ class FakeOpenAI(FakeServer):
         }
 
     async def _generations(self, request: web.Request) -> web.Response:
-        if (reply := await self.scripted("generations")) is not None:
+        if (reply := await self.scripted("generations", request)) is not None:
             return reply
         params = request[RECORD].json
         if (error := self._check(params)) is not None:
@@ -413,7 +452,7 @@ class FakeOpenAI(FakeServer):
         return web.json_response(body)
 
     async def _edits(self, request: web.Request) -> web.Response:
-        if (reply := await self.scripted("edits")) is not None:
+        if (reply := await self.scripted("edits", request)) is not None:
             return reply
         form = request[RECORD].form
         params = {name: part.text for name, part in form.items() if part.filename is None}
@@ -450,7 +489,7 @@ class FakeTogether(FakeServer):
         return _openai_invalid(401, f"Invalid API key provided: {presented}", None, "invalid_api_key")
 
     async def _generations(self, request: web.Request) -> web.Response:
-        if (reply := await self.scripted("generations")) is not None:
+        if (reply := await self.scripted("generations", request)) is not None:
             return reply
         params = request[RECORD].json
         if params.get("model") != self.MODEL:
@@ -596,7 +635,7 @@ class FakeReplicate(FakeServer):
         )
 
     async def _create(self, request: web.Request) -> web.Response:
-        if (reply := await self.scripted("create")) is not None:
+        if (reply := await self.scripted("create", request)) is not None:
             return reply
         model = f"{request.match_info['owner']}/{request.match_info['name']}"
         if model not in self.MODELS:
@@ -639,7 +678,7 @@ class FakeReplicate(FakeServer):
         return web.json_response(data, status=201)
 
     async def _get(self, request: web.Request) -> web.Response:
-        if (reply := await self.scripted("get")) is not None:
+        if (reply := await self.scripted("get", request)) is not None:
             return reply
         prediction = self.predictions.get(request.match_info["id"])
         if prediction is None:
@@ -648,7 +687,7 @@ class FakeReplicate(FakeServer):
         return web.json_response(prediction.data)
 
     async def _cancel(self, request: web.Request) -> web.Response:
-        if (reply := await self.scripted("cancel")) is not None:
+        if (reply := await self.scripted("cancel", request)) is not None:
             return reply
         prediction = self.predictions.get(request.match_info["id"])
         if prediction is None:
@@ -659,7 +698,7 @@ class FakeReplicate(FakeServer):
         return web.json_response(prediction.data)
 
     async def _upload(self, request: web.Request) -> web.Response:
-        if (reply := await self.scripted("files")) is not None:
+        if (reply := await self.scripted("files", request)) is not None:
             return reply
         part = request[RECORD].form.get("content")
         if part is None:
