@@ -22,6 +22,7 @@ from bot.core.service import EaselService
 from generators.images import PillowCodec
 from storage.blobs import LocalBlobStore
 from storage.db import Database
+from storage.errors import StorageError
 from storage.jobs import JobStore
 from storage.ledger import Ledger
 from storage.preferences import Preferences
@@ -114,7 +115,11 @@ def build_router(settings: Settings, generators: list[Generator]) -> Router:
     r = settings.routing
     return Router(
         generators,
-        retry=RetryPolicy(attempts=r.retry_attempts, base_delay_s=r.retry_base_delay_s),
+        retry=RetryPolicy(
+            attempts=r.retry_attempts,
+            base_delay_s=r.retry_base_delay_s,
+            max_retry_after_s=r.retry_max_wait_s,
+        ),
         fallbacks=dict(r.fallbacks),
         breaker_failures=r.breaker_failures,
         breaker_cooldown_s=r.breaker_cooldown_s,
@@ -138,14 +143,28 @@ def policy_from(settings: Settings) -> Policy:
     )
 
 
+def open_storage(settings: Settings) -> tuple[Database, LocalBlobStore]:
+    """The database and the images folder, checked now: a problem with either is one line that
+    names the setting and the settings file (a ConfigError), not a traceback mid-job."""
+    where = settings.source or "built-in defaults"
+    blobs = LocalBlobStore(settings.path(settings.storage.images_dir), settings.storage.public_url)
+    try:
+        blobs.check_writable()
+    except StorageError as exc:
+        raise ConfigError(f"storage.images_dir (from {where}): {exc}") from None
+    try:
+        return Database(settings.path(settings.storage.database)), blobs
+    except StorageError as exc:
+        raise ConfigError(f"storage.database (from {where}): {exc}") from None
+
+
 def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
     """Everything a front end needs, wired. Recovery is not run here: call `App.recover()`."""
     policy = policy_from(settings)
     clock = overrides.clock
-    db = Database(settings.path(settings.storage.database))
+    db, blobs = open_storage(settings)
     ledger = Ledger(db, usd_to_micros(settings.budget.default_allowance_usd))
     jobs = JobStore(db)
-    blobs = LocalBlobStore(settings.path(settings.storage.images_dir), settings.storage.public_url)
     preferences = Preferences(db)
     generators = build_generators(settings) if overrides.generators is None else overrides.generators
     router = build_router(settings, generators)

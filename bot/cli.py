@@ -43,6 +43,32 @@ def _usd(text: str) -> float:
     return value
 
 
+def _user(text: str) -> str:
+    from .core.models import Refusal
+    from .core.prompting import check_user_id
+
+    try:
+        check_user_id(text)
+    except Refusal as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be 1-1000")
+    return value
+
+
+def _printable(text: object) -> str:
+    """What may reach a terminal: control characters (escape sequences) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="easel", description="Self-hosted AI image generation: command line and Discord bot."
@@ -56,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="model name or alias (see `easel models`)")
         p.add_argument("--steps", type=int, help="inference steps")
         p.add_argument("--guidance", type=float, help="guidance scale")
-        p.add_argument("--user", default=DEFAULT_USER, help=f"whose budget pays (default: {DEFAULT_USER})")
+        p.add_argument("--user", type=_user, default=DEFAULT_USER, help=f"whose budget pays (default: {DEFAULT_USER})")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         for name in OPTION_FLAGS:  # model options (see `easel models`): quality, sampler, ...
             p.add_argument(f"--{name}", help=f"{name}, for models that take it (see `easel models`)")
@@ -83,17 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upscale", help="enlarge an earlier job's image")
     p.add_argument("job_id", type=int)
     p.add_argument("--model")
-    p.add_argument("--user", default=DEFAULT_USER)
+    p.add_argument("--user", type=_user, default=DEFAULT_USER)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("jobs", help="list recent jobs")
-    p.add_argument("--user")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--user", type=_user)
+    p.add_argument("--limit", type=_limit, default=20, help="how many (1-1000)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("budget", help="show, set or grant a user's budget")
     p.add_argument("action", choices=["show", "set", "grant"])
-    p.add_argument("user")
+    p.add_argument("user", type=_user)
     p.add_argument("amount", type=_usd, nargs="?", help="USD (set, grant)")
 
     sub.add_parser("models", help="list the models that can be used, and why others cannot")
@@ -110,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(f"easel: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(exc), EXIT_USAGE)
     handler = {
         "imagine": _job_command, "variation": _job_command, "edit": _job_command,
         "upscale": _job_command, "jobs": _jobs, "budget": _budget, "models": _models,
@@ -120,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(settings, args)
     except ConfigError as exc:  # settings that only fail when a generator is built
-        print(f"easel: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(exc), EXIT_USAGE)
     except KeyboardInterrupt:
         print("easel: interrupted; a job in flight was cancelled and refunded", file=sys.stderr)
         return 130
@@ -173,17 +197,20 @@ def _app(settings):
     return app
 
 
-def _read_file(path: Path | None) -> bytes | None:
+def _read_file(path: Path | None, limit: int, what: str) -> bytes | None:
+    """A regular file of at most `limit` bytes, read no further than that."""
+    from .files import FileRefused, read_bounded
+
     if path is None:
         return None
     try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise SystemExit(_fail(f"cannot read {path}: {exc.strerror}", EXIT_USAGE)) from None
+        return read_bounded(path, limit, what)
+    except FileRefused as exc:
+        raise SystemExit(_fail(str(exc), EXIT_USAGE)) from None
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"easel: {message}", file=sys.stderr)
+    print(f"easel: {_printable(message)}", file=sys.stderr)
     return code
 
 
@@ -204,8 +231,8 @@ def _job_command(settings, args) -> int:
     request = JobRequest(
         Kind(args.command), Requester(args.user), params,
         source_job_id=getattr(args, "job_id", None),
-        image=_read_file(getattr(args, "image", None)),
-        mask=_read_file(getattr(args, "mask", None)),
+        image=_read_file(getattr(args, "image", None), settings.generation.max_upload_bytes, "image"),
+        mask=_read_file(getattr(args, "mask", None), settings.generation.max_upload_bytes, "mask"),
     )
     return asyncio.run(_cancel_on_sigterm(_run_job(settings, request, as_json=args.json)))
 
@@ -233,7 +260,7 @@ async def _run_job(settings, request, *, as_json: bool) -> int:
         print(f"url:   {job.image_url}")
     else:
         where = f"job {outcome.job.id} " if outcome.job else ""
-        print(f"easel: {where}{outcome.status}: {outcome.error}", file=sys.stderr)
+        print(f"easel: {where}{outcome.status}: {_printable(outcome.error)}", file=sys.stderr)
     return exit_status(outcome)
 
 
@@ -291,8 +318,8 @@ def _jobs(settings, args) -> int:
         print(json.dumps([_job_dict(j) for j in jobs]))
         return EXIT_OK
     for j in jobs:
-        detail = j.image_url if j.status == "done" else (j.error or "")
-        print(f"{j.id:>6}  {j.status:<9} {j.kind:<9} {j.user_id:<12} {j.model or '-':<16} "
+        detail = _printable(j.image_url if j.status == "done" else (j.error or ""))
+        print(f"{j.id:>6}  {j.status:<9} {j.kind:<9} {_printable(j.user_id):<12} {_printable(j.model or '-'):<16} "
               f"seed {j.seed if j.seed is not None else '-':<10} ${j.cost_micros / 1e6:.4f}  "
               f"{j.prompt[:40]!r}  {detail}")
     return EXIT_OK
@@ -378,7 +405,26 @@ def _check(settings, args) -> int:
     except UnknownModel as exc:
         print(f"default model: not usable: {exc}")
         ok = False
+    for model, fallback in settings.routing.fallbacks.items():
+        unknown = [name for name in (model, fallback) if not _known(router, name)]
+        if unknown:
+            print(f"fallback {model} -> {fallback}: not usable: no model {', '.join(map(repr, unknown))}")
+            ok = False
+    upscaler = settings.generators.local.upscaler
+    if upscaler and upscaler.startswith(("/", ".", "~")) and not settings.path(upscaler).exists():
+        print(f"upscaler {upscaler}: not usable: {settings.path(upscaler)} does not exist")
+        ok = False
     return EXIT_OK if ok else EXIT_FAILED
+
+
+def _known(router, name: str) -> bool:
+    from .core.routing import UnknownModel
+
+    try:
+        router.resolve(name)
+    except UnknownModel:
+        return False
+    return True
 
 
 def _serve(settings, args) -> int:
@@ -387,10 +433,15 @@ def _serve(settings, args) -> int:
     from storage.blobs import LocalBlobStore
     from storage.server import make_image_app
 
+    from .config import listen_error
+
     store = LocalBlobStore(settings.path(settings.storage.images_dir), settings.storage.public_url)
     print(f"serving {store.root} at http://{settings.server.host}:{settings.server.port}/images/")
-    web.run_app(make_image_app(store), host=settings.server.host, port=settings.server.port,
-                print=None)
+    try:
+        web.run_app(make_image_app(store), host=settings.server.host, port=settings.server.port,
+                    print=None)
+    except OSError as exc:  # the address is in use, or the host does not resolve
+        return _fail(str(listen_error(settings, exc)), EXIT_USAGE)
     return EXIT_OK
 
 

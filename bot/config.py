@@ -19,10 +19,12 @@ limits (`queue_limits`) all come from it.
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import json
 import os
 import re
+import socket
 import tomllib
 import types
 import typing
@@ -137,12 +139,20 @@ class QueueSettings(_Section):
     max_jobs_per_user: Annotated[Int, _AT_LEAST_1] = 2  # queued or running; more are refused
 
 
+_AT_MOST_A_MILLION = _rule(lambda v: v <= 1_000_000, "must be at most 1000000 (USD)")
+
+
+def _is_term(term: str) -> bool:
+    return any(c.isalnum() for c in term.removesuffix("*"))
+
+
 class BudgetSettings(_Section):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    default_allowance_usd: Annotated[Number, _NOT_NEGATIVE] = 1.0  # what a new user's balance starts at
+    # What a new user's balance starts at.
+    default_allowance_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 1.0
     # Stops all paid (cloud) generation once this much was spent today (UTC); 0 = no cap.
-    daily_spend_cap_usd: Annotated[Number, _NOT_NEGATIVE] = 0.0
+    daily_spend_cap_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 0.0
     # The period that spend reports and guild caps count over: day, week or month (UTC).
     period: Annotated[Str, _one_of("day", "week", "month", message="must be day, week or month")] = "month"
 
@@ -150,7 +160,9 @@ class BudgetSettings(_Section):
 class PromptRuleSettings(_Section):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    terms: Strings = ()
+    # A term ending in * matches words that begin with it; a term must have a letter or digit.
+    terms: Annotated[Strings, _rule(lambda v: all(_is_term(t) for t in v),
+                                    "every term needs a letter or digit (an empty or '*' term would match everything)")] = ()
     allow_in_nsfw_channels: Bool = False
 
 
@@ -313,6 +325,9 @@ class RoutingSettings(_Section):
     # Attempts per model for transient failures (timeouts, 429, 5xx), with backoff and jitter.
     retry_attempts: Annotated[Int, _rule(lambda v: 1 <= v <= 10, "must be 1-10")] = 3
     retry_base_delay_s: Annotated[Number, _NOT_NEGATIVE] = 1.0
+    # The longest wait a provider may ask for (Retry-After) before a retry; one that asks for
+    # longer (or for more than the job has left) is given up on at once: fallback, or refund.
+    retry_max_wait_s: Seconds = 60.0
     # After this many failed jobs in a row a provider is taken out of rotation for cooldown_s.
     breaker_failures: Annotated[Int, _AT_LEAST_1] = 3
     breaker_cooldown_s: Seconds = 60.0
@@ -427,6 +442,22 @@ class Settings(BaseSettings):
 # --- loading ----------------------------------------------------------------------------------
 
 
+def listen_error(settings: Settings, exc: OSError) -> ConfigError:
+    """One line for an address the image server cannot listen on."""
+    where = settings.source or "built-in defaults"
+    host, port = settings.server.host, settings.server.port
+    if isinstance(exc, socket.gaierror):
+        why = f"the host {host!r} does not resolve"
+    elif exc.errno == errno.EADDRINUSE:
+        why = f"port {port} is already in use on {host}"
+    else:
+        why = exc.strerror or str(exc)
+    return ConfigError(f"server.host/server.port (from {where}): cannot listen on {host}:{port}: {why}")
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a settings file is a few KiB; /dev/zero is not one
+
+
 def find_config(explicit: str | None) -> Path | None:
     if explicit:
         return Path(explicit)
@@ -441,12 +472,14 @@ def load_settings(explicit: str | None = None) -> Settings:
     if path is None:
         return _build({}, where="config")
     where = str(path)
+    from .files import FileRefused, read_bounded
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: cannot read config file ({exc.__class__.__name__})") from None
+        text = read_bounded(path, MAX_CONFIG_BYTES, "config file").decode("utf-8")
+    except FileRefused as exc:
+        raise ConfigError(str(exc)) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: the config file is not UTF-8 text") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from bot.core.models import StoredBlob
 
+from .errors import StorageError
+
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 
@@ -23,6 +25,21 @@ class LocalBlobStore:
     def __init__(self, root: str | Path, public_url: str):
         self.root = Path(root)
         self.public_url = public_url.rstrip("/")
+
+    def check_writable(self) -> None:
+        """Make the folder if need be and prove a file can be written there: at start-up, not
+        after the first image took seconds to make."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=self.root, prefix=".probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except FileExistsError:
+            raise StorageError(f"{self.root}: the images folder is a file, not a folder") from None
+        except NotADirectoryError:
+            raise StorageError(f"{self.root}: part of the images folder's path is a file, not a folder") from None
+        except OSError as exc:
+            raise StorageError(f"{self.root}: cannot write to the images folder ({exc.strerror})") from None
 
     def path_for(self, key: str, ext: str = "png") -> Path:
         if not is_key(key):

@@ -6,6 +6,7 @@ writer, in this process or another.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -14,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
+
+from .errors import StorageError
 
 # Each entry migrates the schema from version i to i+1. Append only; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -115,6 +118,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN public INTEGER NOT NULL DEFAULT 0;
     """,
+    # 4: the request a reservation belongs to, so the per-user limit of requests in flight is
+    # counted in the database and holds across processes.
+    """
+    ALTER TABLE reservations ADD COLUMN request_group TEXT;
+    CREATE INDEX reservations_user_state ON reservations(user_id, state);
+    """,
 ]
 
 class Database:
@@ -122,20 +131,27 @@ class Database:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Autocommit mode: transactions are explicit (see transaction()).
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        self.conn = conn
-        self.db = sqlite_utils.Database(conn)
-        self._lock = threading.RLock()
-        self._depth = 0
+        memory = str(path) == ":memory:"
+        if not memory:
+            _check_place(self.path)
         try:
+            # Autocommit mode: transactions are explicit (see transaction()).
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        except sqlite3.Error as exc:
+            raise StorageError(f"{self.path}: cannot open the database ({exc})") from None
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self.conn = conn
+            self.db = sqlite_utils.Database(conn)
+            self._lock = threading.RLock()
+            self._depth = 0
             self.migrate()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StorageError(_why(self.path, exc)) from None
         except BaseException:
             conn.close()
             raise
@@ -187,7 +203,7 @@ class Database:
         with self.transaction() as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
-                raise RuntimeError(
+                raise StorageError(
                     f"the database {self.path} has schema version {version}, newer than this "
                     f"easel knows ({len(MIGRATIONS)}); upgrade easel"
                 )
@@ -200,6 +216,33 @@ class Database:
     def close(self) -> None:
         with self._lock:
             self.conn.close()
+
+
+def _check_place(path: Path) -> None:
+    """The database's folder exists (or is made) and the path is no directory."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StorageError(f"{path.parent}: the data folder is a file, not a folder") from None
+    except NotADirectoryError:
+        raise StorageError(f"{path.parent}: part of the data folder's path is a file") from None
+    except OSError as exc:
+        raise StorageError(f"{path.parent}: cannot make the data folder ({exc.strerror})") from None
+    if path.is_dir():
+        raise StorageError(f"{path}: is a directory, not a database file")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise StorageError(f"{path}: the database cannot be read and written by this user")
+    if not path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StorageError(f"{path.parent}: the data folder is not writable, so no database can be made")
+
+
+def _why(path: Path, exc: sqlite3.DatabaseError) -> str:
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return f"{path}: not an easel database (not SQLite, or damaged)"
+    if "readonly" in text or "read-only" in text:
+        return f"{path}: the database is read-only for this user"
+    return f"{path}: cannot use the database ({text})"
 
 
 def now() -> float:

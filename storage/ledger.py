@@ -14,6 +14,7 @@ from bot.core.models import (
     GuildCapReached,
     InsufficientFunds,
     SpendCapReached,
+    TooManyRequests,
 )
 
 from .db import Database, now
@@ -66,6 +67,15 @@ class Ledger:
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
         with self.db.transaction() as conn:
+            if caps.max_requests:
+                # Other requests of this user holding money, in any process (one group: once).
+                in_flight = conn.execute(
+                    "SELECT COUNT(DISTINCT COALESCE(request_group, 'job:' || job_id)) FROM reservations"
+                    " WHERE user_id = ? AND state = 'held' AND (? IS NULL OR request_group IS NOT ?)",
+                    (user_id, caps.group, caps.group),
+                ).fetchone()[0]
+                if in_flight >= caps.max_requests:
+                    raise TooManyRequests(in_flight, caps.max_requests)
             if guild_id is not None and guild_cap_micros is not None:
                 committed = conn.execute(
                     "SELECT COALESCE(SUM(CASE WHEN state = 'held' THEN amount_micros"
@@ -93,8 +103,8 @@ class Ledger:
                 raise InsufficientFunds(user_id, balance - reserved, amount_micros)
             conn.execute(
                 "INSERT INTO reservations (job_id, user_id, guild_id, provider, paid, amount_micros,"
-                " state, created_at) VALUES (?, ?, ?, ?, ?, ?, 'held', ?)",
-                (job_id, user_id, guild_id, provider, int(paid), amount_micros, now()),
+                " state, created_at, request_group) VALUES (?, ?, ?, ?, ?, ?, 'held', ?, ?)",
+                (job_id, user_id, guild_id, provider, int(paid), amount_micros, now(), caps.group),
             )
             conn.execute(
                 "UPDATE accounts SET reserved_micros = reserved_micros + ?, updated_at = ?"

@@ -11,6 +11,7 @@ from aiohttp import test_utils
 
 from storage.blobs import LocalBlobStore
 from storage.db import MIGRATIONS, Database
+from storage.errors import StorageError
 from storage.ledger import InsufficientFunds, Ledger
 from storage.server import make_image_app
 from tests.helpers import reserve_in_own_connection
@@ -108,7 +109,7 @@ def test_a_database_from_a_newer_easel_is_refused_untouched(tmp_path):
     conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     conn.close()
 
-    with pytest.raises(RuntimeError, match="newer") as info:
+    with pytest.raises(StorageError, match="newer") as info:
         Database(path)
     assert str(path) in str(info.value)
 
@@ -314,6 +315,27 @@ def test_admin_changes_never_take_the_available_balance_below_zero(db):
     entries = _entries(db, "ann")
     assert sum(e[2] for e in entries) == ledger.balance("ann").balance_micros == 0
     assert min(e[3] for e in entries) >= 0  # no entry left a negative balance
+
+
+def test_the_per_user_limit_of_requests_in_flight_is_kept_by_the_database(tmp_path):
+    """Two processes (here: two connections) share it; the jobs of one group count once."""
+    from bot.core.models import Caps, TooManyRequests
+
+    first, second = Database(tmp_path / "e.db"), Database(tmp_path / "e.db")
+    bot_ledger, cli_ledger = Ledger(first, ONE_USD), Ledger(second, ONE_USD)
+    caps = lambda group: Caps(max_requests=2, group=group)  # noqa: E731
+    bot_ledger.reserve("ann", 1, 10, caps("interaction:1"))
+    bot_ledger.reserve("ann", 2, 10, caps("interaction:1"))  # the same /imagine count=2
+    cli_ledger.reserve("ann", 3, 10, caps("request:cli"))
+    with pytest.raises(TooManyRequests, match="already have 2 requests in flight"):
+        cli_ledger.reserve("ann", 4, 10, caps("request:other"))
+    with pytest.raises(TooManyRequests):
+        cli_ledger.reserve("ann", 4, 10, Caps(max_requests=2))  # no group: a request of its own
+    cli_ledger.reserve("bob", 5, 10, caps("request:bob"))  # another user is not limited by ann
+    bot_ledger.reserve("ann", 6, 10, caps("interaction:1"))  # ann's group in flight may grow
+    cli_ledger.settle(3, 10)
+    bot_ledger.reserve("ann", 7, 10, caps("request:other"))  # a request finished: room again
+    assert cli_ledger.balance("ann").reserved_micros == 40
 
 
 def _check_concurrent_outcome(path, user_id: str, amount: int, outcomes: list[bool]) -> None:

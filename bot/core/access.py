@@ -5,6 +5,9 @@ missing: the refusal gives no hint that it exists (job numbers are sequential)."
 from __future__ import annotations
 
 from .models import ErrorCode, JobRecord, Refusal, Requester
+from .ports import JobStore
+
+MAX_JOB_ID = 2**63 - 1  # SQLite's largest integer: beyond it there is no job to find
 
 
 def may_use(job: JobRecord, who: Requester) -> bool:
@@ -18,3 +21,10 @@ def usable(job: JobRecord | None, job_id: int, who: Requester) -> JobRecord:
     if job is None or not may_use(job, who):
         raise Refusal(ErrorCode.NOT_FOUND, f"there is no job {job_id}")
     return job
+
+
+def find(jobs: JobStore, job_id: int, who: Requester) -> JobRecord:
+    """Job `job_id` if it exists and `who` may use it (any whole number may be asked for)."""
+    if isinstance(job_id, bool) or not isinstance(job_id, int) or not 0 < job_id <= MAX_JOB_ID:
+        raise Refusal(ErrorCode.NOT_FOUND, f"there is no job {job_id}")
+    return usable(jobs.get(job_id), job_id, who)

@@ -60,17 +60,17 @@ class Billing:
             for r, g in self.router.candidates(plan.route, plan.request)
         )
 
-    async def reserve(self, job: JobRecord, plan: Plan, estimate: int) -> None:
+    async def reserve(self, job: JobRecord, plan: Plan, estimate: int, group: str | None = None) -> None:
         """Hold the estimate or raise a BudgetRefusal. A cancelled caller still lets a started
         reservation land, so that the refund after it cannot miss it."""
-        reserving = asyncio.ensure_future(asyncio.to_thread(self._reserve, job, plan, estimate))
+        reserving = asyncio.ensure_future(asyncio.to_thread(self._reserve, job, plan, estimate, group))
         try:
             await asyncio.shield(reserving)
         except asyncio.CancelledError:
             await asyncio.gather(reserving, return_exceptions=True)
             raise
 
-    def _reserve(self, job: JobRecord, plan: Plan, estimate: int) -> None:
+    def _reserve(self, job: JobRecord, plan: Plan, estimate: int, group: str | None) -> None:
         provider = plan.route.spec.provider
         now = self.clock.time()
         guild = job.guild_id
@@ -81,6 +81,8 @@ class Billing:
             guild_id=guild,
             guild_cap_micros=self.preferences.guild(guild).spend_cap_micros if guild else None,
             period_start=period_start(self.policy.budget_period, now),
+            max_requests=self.policy.max_requests_per_user,
+            group=group,
         )
         with self.uow.transaction():
             self.ledger.reserve(job.user_id, job.id, estimate, caps, provider)

@@ -64,6 +64,15 @@ class EventState(StrEnum):
     PROGRESS = "progress"
 
 
+def size_text(n: int) -> str:
+    """Bytes in binary units, as limits are set: "20 MiB", never "21 MB" for a 20 MiB cap."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} bytes"
+
+
 # ---- money ----------------------------------------------------------------------------------
 
 MICROS_PER_USD = 1_000_000
@@ -146,6 +155,18 @@ class BudgetRefusal(Exception):
     code = ErrorCode.OVER_BUDGET
 
 
+class TooManyRequests(BudgetRefusal):
+    """The user's requests in flight, in any easel process, are at the limit."""
+
+    code = ErrorCode.BUSY
+
+    def __init__(self, in_flight: int, limit: int):
+        super().__init__(
+            f"you already have {in_flight} request{'' if in_flight == 1 else 's'} in flight "
+            f"(the limit is {limit}); wait for one to finish"
+        )
+
+
 class InsufficientFunds(BudgetRefusal):
     def __init__(self, user_id: str, available_micros: int, needed_micros: int):
         self.user_id = user_id
@@ -189,6 +210,10 @@ class Caps:
     guild_id: str | None = None
     guild_cap_micros: int | None = None
     period_start: float = 0.0
+    # Requests a user may have holding money at once, counted in the database, so that the
+    # limit holds across processes (the bot and the CLI); 0: none. Jobs of one group count once.
+    max_requests: int = 0
+    group: str | None = None
 
 
 # ---- generation -----------------------------------------------------------------------------

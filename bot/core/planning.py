@@ -9,7 +9,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .access import usable
+from .access import find
 from .flags import size_for_aspect
 from .models import (
     MAX_SEED,
@@ -23,10 +23,11 @@ from .models import (
     ModelSpec,
     Refusal,
     UnsupportedRequest,
+    size_text,
 )
 from .policy import Policy
 from .ports import BlobStore, ImageCodec, JobStore, Preferences
-from .prompting import Normalised
+from .prompting import Normalised, visible
 from .routing import Route, Router, UnknownModel
 
 # Fixed-size models: the nearest size must be within this share of the asked aspect ratio.
@@ -122,7 +123,7 @@ class Planner:
             mask = await self._checked_upload(request.mask, "mask")
         if request.kind == Kind.EDIT and image is None:
             raise Refusal(ErrorCode.USAGE, "edit needs an image")
-        if request.kind in (Kind.IMAGINE, Kind.EDIT) and not params.prompt:
+        if request.kind in (Kind.IMAGINE, Kind.EDIT) and not visible(params.prompt):
             raise Refusal(ErrorCode.USAGE, "the prompt is empty")
         if mask is not None and image is not None:
             m, i = await self._dimensions(mask), await self._dimensions(image)
@@ -135,7 +136,7 @@ class Planner:
 
     def _source_job(self, request: JobRequest) -> JobRecord:
         if request.source_job_id is not None:
-            source = usable(self.jobs.get(request.source_job_id), request.source_job_id, request.requester)
+            source = find(self.jobs, request.source_job_id, request.requester)
         else:
             latest = self.jobs.latest_done(request.user_id)
             if latest is None:
@@ -154,7 +155,7 @@ class Planner:
         if len(data) > limit:
             raise Refusal(
                 ErrorCode.USAGE,
-                f"the {what} is {len(data) / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB",
+                f"the {what} is {size_text(len(data))}; the limit is {size_text(limit)}",
             )
 
         def check() -> bytes:

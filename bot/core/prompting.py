@@ -3,6 +3,8 @@ parameters. A value given both ways must agree; the seed is bounded here and now
 
 from __future__ import annotations
 
+import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,15 +26,64 @@ class Normalised:
     aspect: tuple[int, int] | None
 
 
+MAX_USER_ID_CHARS = 100
+
+
+def usage(message: str) -> Refusal:
+    return Refusal(ErrorCode.USAGE, message)
+
+
+def clean_text(text: str, what: str, limit: int) -> str:
+    """`text` without control characters (tabs and newlines become spaces), within `limit`;
+    refused if it is not valid Unicode text (a lone surrogate, from undecodable bytes)."""
+    if not isinstance(text, str):
+        raise usage(f"the {what} must be text")
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise usage(f"the {what} is not valid text (it has bytes that are not UTF-8)")
+    if len(text) > limit:
+        raise usage(f"the {what} is {len(text)} characters; the limit is {limit}")
+    return "".join(
+        " " if c in "\t\r\n" else c for c in text if c in "\t\r\n" or unicodedata.category(c) != "Cc"
+    )
+
+
+def visible(text: str) -> bool:
+    """Whether `text` has something to see: not only spaces, NULs or zero-width characters."""
+    return any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf", "Zs") for c in text)
+
+
+def check_user_id(user_id: str) -> None:
+    if not isinstance(user_id, str) or not visible(user_id) or len(user_id) > MAX_USER_ID_CHARS:
+        raise usage(f"a user id must be 1-{MAX_USER_ID_CHARS} visible characters")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in user_id):
+        raise usage("a user id cannot hold control characters")
+
+
+def _check_numbers(params: GenerationParams) -> None:
+    for name in ("seed", "steps"):
+        value = getattr(params, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise usage(f"{name} must be a whole number")
+    for name in ("guidance", "strength"):
+        value = getattr(params, name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise usage(f"{name} must be a finite number")
+    if params.steps is not None and not 1 <= params.steps <= 1000:
+        raise usage("steps must be 1-1000")
+
+
 def normalise(request: JobRequest, max_prompt_chars: int) -> Normalised:
     if request.kind not in tuple(Kind):
         raise Refusal(ErrorCode.USAGE, f"unknown request kind {request.kind!r}")
-    asked = request.params.but(negative_prompt=request.params.negative_prompt or None)
-    if len(asked.prompt) > max_prompt_chars:
-        raise Refusal(
-            ErrorCode.USAGE,
-            f"the prompt is {len(asked.prompt)} characters; the limit is {max_prompt_chars}",
-        )
+    check_user_id(request.user_id)
+    _check_numbers(request.params)
+    negative = clean_text(request.params.negative_prompt or "", "negative prompt", max_prompt_chars)
+    asked = request.params.but(
+        prompt=clean_text(request.params.prompt, "prompt", max_prompt_chars),
+        negative_prompt=negative if visible(negative) else None,
+    )
     try:
         parsed = parse_flags(asked.prompt)
     except FlagError as exc:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
-from .access import usable
+from .access import find
 from .admission import Admission
 from .billing import Billing, Ending
 from .models import (
@@ -76,7 +77,7 @@ class EaselService:
             return [_refused(exc)]
         if count == 1:
             return [await self._run(request, asked, on_event)]
-        group = replace(request, group=request.group or f"request:{id(request)}")
+        group = replace(request, group=request.group or f"request:{uuid.uuid4().hex}")
         seeds = [
             None if asked.params.seed is None else (asked.params.seed + i) % (MAX_SEED + 1)
             for i in range(count)
@@ -107,7 +108,7 @@ class EaselService:
     ) -> JobOutcome:
         """The job's request again with a new seed, charged to `requester`."""
         try:
-            job = usable(await asyncio.to_thread(self.jobs.get, job_id), job_id, requester)
+            job = await asyncio.to_thread(find, self.jobs, job_id, requester)
         except Refusal as exc:
             return _refused(exc)
         return await self.submit(await asyncio.to_thread(self._reroll_request, job, requester), on_event)
@@ -164,9 +165,10 @@ class EaselService:
             with watch("screen_prompt"):
                 await self.screening.screen_request(request, plan.request)
             await self._keep_uploads(job, request, plan)  # only screened uploads are kept
-            async with self.admission.request(job.user_id, request.group or f"job:{job.id}"):
+            group = request.group or f"job:{job.id}"
+            async with self.admission.request(job.user_id, group):
                 with watch("reserve"):
-                    await self.billing.reserve(job, plan, self.billing.estimate_micros(plan))
+                    await self.billing.reserve(job, plan, self.billing.estimate_micros(plan), group)
                 queued = time.perf_counter()
                 # The slot limits calls to the generator, not the work on their results.
                 async with self.admission.slot(plan.route.spec.provider, job.id, job.user_id, on_event):
@@ -215,8 +217,10 @@ class EaselService:
 
         name, timeout = plan.route.spec.name, self.policy.job_timeout_s
         try:
+            deadline = loop.time() + timeout
             return await asyncio.wait_for(
-                self.router.generate(plan.route, plan.request, progress), timeout=timeout
+                self.router.generate(plan.route, plan.request, progress, deadline=deadline),
+                timeout=timeout,
             )
         except ContentPolicyError as exc:
             raise Refusal(

@@ -12,7 +12,7 @@ import yarl
 from discord.ext import commands
 
 from ..bootstrap import App
-from ..config import ConfigError, DiscordSettings, Settings
+from ..config import ConfigError, DiscordSettings, Settings, listen_error
 from .cogs.account import Account
 from .cogs.admin import Admin
 from .cogs.generate import Generate
@@ -103,7 +103,11 @@ async def serve(settings: Settings, app: App, *, stop: asyncio.Event | None = No
             pass
     runner = web.AppRunner(make_image_app(app.blobs))
     await runner.setup()
-    await web.TCPSite(runner, settings.server.host, settings.server.port).start()
+    try:
+        await web.TCPSite(runner, settings.server.host, settings.server.port).start()
+    except OSError as exc:  # the address is in use, or the host does not resolve
+        await runner.cleanup()
+        raise listen_error(settings, exc) from None
     client = EaselClient(app, settings.discord)
     bot = asyncio.create_task(client.start(token))
     waiter = asyncio.create_task(stop.wait())

@@ -19,6 +19,7 @@ from bot.core.models import (
     JobRecord,
     JobStatus,
     StoredBlob,
+    TooManyRequests,
     UserSettings,
     Verdict,
 )
@@ -69,12 +70,20 @@ class MemoryLedger:
         self.balances: dict[str, int] = {}
         self.held: dict[int, tuple[str, int]] = {}
         self.charged: dict[int, int] = {}
+        self.groups: dict[int, str | None] = {}
 
     def balance(self, user_id):
         reserved = sum(a for u, a in self.held.values() if u == user_id)
         return Balance(user_id, self.balances.get(user_id, self.allowance), reserved)
 
     def reserve(self, user_id, job_id, amount_micros, caps: Caps, provider=None):
+        caps = caps or Caps()
+        if caps.max_requests:
+            others = {self.groups.get(j) or f"job:{j}" for j, (u, _) in self.held.items()
+                      if u == user_id and (self.groups.get(j) != caps.group or caps.group is None)}
+            if len(others) >= caps.max_requests:
+                raise TooManyRequests(len(others), caps.max_requests)
+        self.groups[job_id] = caps.group
         b = self.balance(user_id)
         if b.available_micros < amount_micros:
             raise InsufficientFunds(user_id, b.available_micros, amount_micros)

@@ -7,7 +7,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from ...core.flags import FlagError, parse_aspect
-from ...core.models import MAX_SEED, GenerationParams, JobRequest, Kind, UserSettings
+from ...core.models import MAX_SEED, GenerationParams, JobRequest, Kind, UserSettings, size_text
 from ..context import job_reference, of_interaction
 from ..delivery import Delivery
 from ..errors import Refused
@@ -126,5 +126,5 @@ class Generate(commands.Cog):
             raise Refused(f"the {what} must be an image (PNG, JPEG or WebP), not "
                           f"{attachment.content_type or 'an unknown type'}")
         if attachment.size > limit:
-            raise Refused(f"the {what} is {attachment.size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB")
+            raise Refused(f"the {what} is {size_text(attachment.size)}; the limit is {size_text(limit)}")
         return await attachment.read()
