@@ -29,11 +29,12 @@ async def slow_openai():
         yield fake
 
 
-def _workspace(root: Path, fake: FakeOpenAI) -> tuple[Path, dict[str, str]]:
+def _workspace(root: Path, fake: FakeOpenAI, **sections) -> tuple[Path, dict[str, str]]:
     write_workspace_config(root, **{
         "generation": {"default_model": "gpt-image-1"},
         "generators.local": {"enabled": False},
         "generators.openai": {"timeout_s": 120},
+        **sections,
     })
     env = {k: v for k, v in os.environ.items() if k != "EASEL_CONFIG"}
     env.update(OPENAI_API_KEY=fake.api_key, OPENAI_BASE_URL=f"{fake.base_url}/v1", PYTHONUNBUFFERED="1")
@@ -119,3 +120,21 @@ async def test_a_job_whose_owner_pid_was_reused_is_recovered(tmp_path, slow_open
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT status, error_code FROM jobs WHERE id = 7").fetchone() == (
             "failed", "interrupted")
+
+
+async def test_the_per_user_limit_holds_across_processes(tmp_path, slow_openai):
+    """One CLI process has a job in flight; another process may not start a second for the same
+    user beyond queue.max_jobs_per_user = 1 (the database keeps the count)."""
+    config, env = _workspace(tmp_path, slow_openai, queue={"max_jobs_per_user": 1})
+    db = tmp_path / "data" / "easel.db"
+    proc = await _start_slow_job(config, env, db, slow_openai)
+    try:
+        code, _, err = await _easel(config, env, "imagine", "a second lighthouse")
+        assert code == 1 and "you already have 1 request in flight (the limit is 1)" in err, err
+        assert len(_held(db)) == 1  # the refused job held nothing
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT status, error_code FROM jobs ORDER BY id").fetchall() == [
+                ("running", None), ("refused", "busy")]
+    finally:
+        proc.kill()
+        await proc.wait()
