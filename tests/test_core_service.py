@@ -267,3 +267,38 @@ async def test_settings_refuse_an_unknown_model():
     with pytest.raises(Exception, match="unknown model"):
         await core.accounts.change_settings("u1", model="nope")
     assert (await core.accounts.change_settings("u1", model="m")).model == "m"
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"steps": 2.5}, "steps must be a whole number"),
+    ({"steps": True}, "steps must be a whole number"),
+    ({"seed": 4.0}, "seed must be a whole number"),
+    ({"guidance": float("nan")}, "guidance must be a finite number"),
+    ({"strength": float("inf")}, "strength must be a finite number"),
+    ({"steps": 10**6}, "steps must be 1-1000"),
+])
+async def test_numbers_through_the_api_are_checked_before_anything_is_made(fields, message):
+    core = Core(MemoryGenerator())
+    out = await core.service.submit(job_request("imagine", "u1", "a fox", **fields))
+    assert out.error_code == ErrorCode.USAGE and out.error == message
+    assert core.jobs.rows == {} and core.generator.calls == []
+
+
+@pytest.mark.parametrize("prompt, user, message", [
+    ("a \udcff fox", "u1", "the prompt is not valid text"),
+    ("\x00\x00\u200b", "u1", "the prompt is empty"),
+    ("a fox", "", "a user id must be 1-100 visible characters"),
+    ("a fox", "x" * 101, "a user id must be 1-100 visible characters"),
+    ("a fox", "eve\x1b[2J", "a user id cannot hold control characters"),
+])
+async def test_text_through_the_api_is_checked(prompt, user, message):
+    core = Core(MemoryGenerator())
+    out = await core.service.submit(job_request("imagine", user, prompt))
+    assert out.error_code == ErrorCode.USAGE and out.error.startswith(message)
+    assert core.generator.calls == []
+
+
+async def test_control_characters_are_taken_out_of_a_prompt():
+    core = Core(MemoryGenerator())
+    out = await core.service.submit(job_request("imagine", "u1", "a \x1b[31mred\x07 fox\nat night"))
+    assert out.ok and out.job.prompt == "a [31mred fox at night"

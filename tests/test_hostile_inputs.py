@@ -268,3 +268,20 @@ def test_bad_input_gets_one_clear_line_and_costs_nothing(case: Case, results):
 
 def test_the_table_is_broad():
     assert len(CASES) >= 60
+
+
+def test_easel_jobs_shows_escape_sequences_from_stored_text_escaped(tmp_path):
+    """A provider's error (or an old row's user id) with terminal escapes reaches the terminal
+    as text, not as commands."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    write_workspace_config(root)
+    env = {k: v for k, v in os.environ.items() if k != "EASEL_CONFIG"}
+    run = [*EASEL, "--config", str(root / "easel.toml"), "jobs"]
+    assert subprocess.run(run, cwd=root, env=env, capture_output=True).returncode == 0  # makes the database
+    with sqlite3.connect(root / "data" / "easel.db") as conn:
+        conn.execute("INSERT INTO jobs (kind, status, user_id, model, error, created_at) VALUES"
+                     " ('imagine', 'failed', 'old\x1b[2Juser', 'm\x1b]0;x\x07', 'upstream said \x1b[31mno', 0)")
+    done = subprocess.run(run, cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "\x1b" not in done.stdout and "\x07" not in done.stdout
+    assert "old\\x1b[2Juser" in done.stdout and "upstream said \\x1b[31mno" in done.stdout
