@@ -11,6 +11,7 @@ from bot.core.accounts import Accounts
 from bot.core.admission import Admission
 from bot.core.billing import Billing
 from bot.core.models import usd_to_micros
+from bot.core.negatives import BUILTIN as BUILTIN_NEGATIVES
 from bot.core.planning import Planner
 from bot.core.policy import Policy
 from bot.core.ports import Clock, Generator, ImageScreen, PromptScreen
@@ -140,6 +141,10 @@ def policy_from(settings: Settings) -> Policy:
         blocked_outputs_are_paid=settings.moderation.blocked_outputs_are_paid,
         daily_spend_cap_micros=usd_to_micros(budget.daily_spend_cap_usd),
         budget_period=budget.period,
+        negative_prompts={
+            **(BUILTIN_NEGATIVES if settings.prompts.builtin_negatives else {}),
+            **settings.prompts.negative_prompts,
+        },
     )
 
 

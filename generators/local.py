@@ -173,6 +173,8 @@ class DiffusersGenerator:
                     max_side=2048,
                     default_size=self._default_size(source),
                     description="runs on this machine (diffusers)",
+                    family=_family(source),
+                    default_guidance=self._default_guidance,
                     options={"sampler": tuple(SAMPLERS)},
                 )
                 for name, source in self._sources.items()
@@ -265,23 +267,7 @@ class DiffusersGenerator:
 
     def _default_size(self, source: str) -> tuple[int, int]:
         """1024 for SDXL- and Flux-type models whose model_index.json is on disk; else 512."""
-        index: Path | None = None
-        if source == TINY_SOURCE:
-            return (512, 512)
-        local = Path(source).expanduser()
-        if (local / "model_index.json").is_file():
-            index = local / "model_index.json"
-        elif _HUB_ID_PATTERN.fullmatch(source) and importlib.util.find_spec("huggingface_hub"):
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(source, "model_index.json")
-            index = Path(cached) if isinstance(cached, str) else None
-        if index is None:
-            return (512, 512)
-        try:
-            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-        except (OSError, ValueError):
-            return (512, 512)
+        class_name = _pipeline_class(source)
         return (1024, 1024) if "XL" in class_name or "Flux" in class_name else (512, 512)
 
     def _estimate_seconds(self, request: GenerationRequest) -> float:
@@ -707,3 +693,39 @@ def _as_generator_error(exc: Exception, model: str) -> GeneratorError:
             f"local model {model!r} ran out of GPU memory; try a smaller size"
         )
     return GeneratorError(f"local model {model!r} failed: {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _pipeline_class(source: str) -> str:
+    """The pipeline class named by the model's model_index.json, where it is on disk ("" if not)."""
+    if source == TINY_SOURCE:
+        return "StableDiffusionPipeline"  # the tiny model is built as an SD 1.x pipeline
+    index: Path | None = None
+    local = Path(source).expanduser()
+    if (local / "model_index.json").is_file():
+        index = local / "model_index.json"
+    elif _HUB_ID_PATTERN.fullmatch(source) and importlib.util.find_spec("huggingface_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else None
+    if index is None:
+        return ""
+    try:
+        return str(json.loads(index.read_text(encoding="utf-8")).get("_class_name", ""))
+    except (OSError, ValueError):
+        return ""
+
+
+def _family(source: str) -> str:
+    """sd1, sd2, sdxl, sd-turbo, sdxl-turbo or flux: from the pipeline class, else the name."""
+    name, class_name = source.lower(), _pipeline_class(source)
+    if "Flux" in class_name or "flux" in name:
+        return "flux"
+    xl = "XL" in class_name or "xl" in name
+    if "turbo" in name:
+        return "sdxl-turbo" if xl else "sd-turbo"
+    if xl:
+        return "sdxl"
+    if re.search(r"stable-diffusion-2|sd-?2|2[-.]1", name):
+        return "sd2"
+    return "sd1"

@@ -48,7 +48,9 @@ class MemoryGenerator:
         self.delay_s, self.fail, self.calls = delay_s, fail, []
 
     def models(self):
-        return [ModelSpec(name="m", provider="mem", kinds=frozenset(Kind), options={"sampler": ("a", "b")})]
+        return [ModelSpec(name="m", provider="mem", kinds=frozenset(Kind), options={"sampler": ("a", "b")},
+                          family="sd1", default_guidance=7.0),
+                ModelSpec(name="plain", provider="mem", kinds=frozenset(Kind), negative_prompt=False)]
 
     def unavailable_reason(self):
         return None
@@ -69,12 +71,12 @@ class MemoryGenerator:
 
 
 class Core:
-    def __init__(self, generator, *, allowance=1.0, max_requests=2):
+    def __init__(self, generator, *, allowance=1.0, max_requests=2, negatives=None):
         self.policy = Policy(
             default_model="m", max_prompt_chars=100, default_strength=0.6, upscale_factor=2,
             job_timeout_s=5.0, max_upload_bytes=1000, max_upload_pixels=10**6,
             max_requests_per_user=max_requests, blocked_outputs_are_paid=False,
-            daily_spend_cap_micros=0, budget_period="month")
+            daily_spend_cap_micros=0, budget_period="month", negative_prompts=negatives or {})
         self.generator, self.clock = generator, FixedClock()
         self.jobs, self.ledger, self.blobs = MemoryJobs(), MemoryLedger(usd_to_micros(allowance)), MemoryBlobs()
         self.prefs, self.uow, codec = MemoryPreferences(), MemoryUnitOfWork(), FakeCodec()
@@ -302,3 +304,36 @@ async def test_control_characters_are_taken_out_of_a_prompt():
     core = Core(MemoryGenerator())
     out = await core.service.submit(job_request("imagine", "u1", "a \x1b[31mred\x07 fox\nat night"))
     assert out.ok and out.job.prompt == "a [31mred fox at night"
+
+
+NEGATIVES = {"sd1": "blurry, watermark"}
+
+
+@pytest.mark.parametrize("prompt, fields, negative", [
+    ("a fox", {}, "blurry, watermark"),  # none given: the family's default
+    ("a fox --no +text, logo", {}, "blurry, watermark, text, logo"),  # + extends it
+    ("a fox --no grain", {}, "grain"),  # a member's own replaces it
+    ("a fox", {"guidance": 1.0}, None),  # no effect at guidance 1 or less: left out
+    ("a fox", {"model": "plain"}, None),  # a model that takes no negative prompt
+])
+async def test_default_negative_prompts(prompt, fields, negative):
+    gen = MemoryGenerator()
+    core = Core(gen, negatives=NEGATIVES)
+    out = await core.service.submit(job_request("imagine", "u1", prompt, **fields))
+    assert out.ok, out.error
+    assert out.job.negative_prompt == negative and gen.calls[0].negative_prompt == negative
+
+
+async def test_a_default_negative_by_model_name_wins_and_empty_switches_it_off():
+    gen = MemoryGenerator()
+    core = Core(gen, negatives={**NEGATIVES, "m": ""})
+    out = await core.service.submit(job_request("imagine", "u1", "a fox"))
+    assert out.ok and out.job.negative_prompt is None
+
+
+async def test_a_reroll_keeps_the_recorded_default_negative():
+    gen = MemoryGenerator()
+    core = Core(gen, negatives=NEGATIVES)
+    first = await core.service.submit(job_request("imagine", "u1", "a fox --no +text"))
+    again = await core.service.reroll(first.job.id, Requester("u1"))
+    assert again.job.negative_prompt == first.job.negative_prompt == "blurry, watermark, text"

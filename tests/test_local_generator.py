@@ -500,3 +500,29 @@ async def test_a_sampler_changes_the_image_and_default_comes_back(generator):
 async def test_an_unknown_sampler_is_refused_before_any_work(generator):
     with pytest.raises(UnsupportedRequest, match="sampler must be one of"):
         await generator.generate(request(options={"sampler": "warp_drive"}))
+
+
+async def test_the_default_negative_prompt_reaches_the_local_model_and_is_recorded(generator, tmp_path):
+    """The tiny model is an SD 1.x pipeline: with guidance above 1 it gets the sd1 default, which
+    is recorded, and the image is the one an explicit negative prompt of the same text makes."""
+    from bot.config import settings_from_dict
+    from bot.core.negatives import BUILTIN
+    from tests.helpers import job_request, start_app
+
+    def app(name: str, **prompts):
+        return start_app(settings_from_dict({
+            "storage": {"database": str(tmp_path / name / "e.db"), "images_dir": str(tmp_path / name / "img")},
+            "moderation": {"image_classifier": "none"}, "prompts": prompts}), generators=[generator])
+
+    fields = {"seed": 3, "size": (64, 64), "steps": 2, "guidance": 3.0}
+    on, off = app("on"), app("off", builtin_negatives=False)
+    try:
+        by_default = await on.service.submit(job_request("imagine", "u1", "a castle", **fields))
+        explicit = await off.service.submit(job_request("imagine", "u1", "a castle", negative_prompt=BUILTIN["sd1"],
+                                                        **fields))
+        without = await off.service.submit(job_request("imagine", "u1", "a castle", **fields))
+    finally:
+        await on.close()
+        await off.close()
+    assert by_default.job.negative_prompt == BUILTIN["sd1"] and without.job.negative_prompt is None
+    assert by_default.job.sha256 == explicit.job.sha256 != without.job.sha256

@@ -368,6 +368,10 @@ class ModelSpec:
     default_size: tuple[int, int] = (512, 512)
     aliases: tuple[str, ...] = ()
     description: str = ""
+    # The architecture (sd1, sd2, sdxl, sdxl-turbo, flux...), for defaults such as negative prompts.
+    family: str = ""
+    # The guidance scale used when a request gives none (None: the provider's own, unknown here).
+    default_guidance: float | None = None
     # Options a request may set (quality, style, sampler...) and their allowed values; the first
     # is the default.
     options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)

@@ -25,6 +25,7 @@ from .models import (
     UnsupportedRequest,
     size_text,
 )
+from .negatives import negative_for
 from .policy import Policy
 from .ports import BlobStore, ImageCodec, JobStore, Preferences
 from .prompting import Normalised, visible
@@ -81,9 +82,22 @@ class Planner:
             try:
                 size = await self._size(request, spec, asked.aspect, inputs)
                 honoured = seed if (params.seed is not None or spec.honours_seed) else None
+                negative = (
+                    params.negative_prompt
+                    if request.kind == Kind.UPSCALE
+                    else negative_for(
+                        params.negative_prompt, spec, params.guidance, self.policy.negative_prompts
+                    )
+                )
                 gen = GenerationRequest(
                     kind=request.kind,
-                    params=params.but(model=spec.name, size=size, seed=honoured, strength=strength),
+                    params=params.but(
+                        model=spec.name,
+                        size=size,
+                        seed=honoured,
+                        strength=strength,
+                        negative_prompt=negative,
+                    ),
                     source_image=inputs.image,
                     mask_image=inputs.mask,
                     upscale_factor=self.policy.upscale_factor,

@@ -3,7 +3,8 @@ the settings are their one source)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -19,5 +20,7 @@ class Policy:
     blocked_outputs_are_paid: bool
     daily_spend_cap_micros: int  # paid generation per UTC day; 0: no cap
     budget_period: str  # day, week or month: what guild caps and reports count over
+    # Default negative prompts by model name or family (see core.negatives).
+    negative_prompts: Mapping[str, str] = field(default_factory=dict)
     # Generators whose cost is not money spent with someone else (the daily cap does not apply).
     unpaid_providers: frozenset[str] = frozenset({"local"})
