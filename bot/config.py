@@ -391,6 +391,39 @@ class _FileSource(PydanticBaseSettingsSource):
         return dict(_FILE_DATA.get())
 
 
+class PromptsSettings(_Section):
+    """Helping prompts give good images: default negative prompts, and tips for short prompts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # easel's own defaults for sd1, sd2 and sdxl models (core/negatives.py); the table below
+    # overrides them by model name or family ("" switches one off).
+    builtin_negatives: Bool = True
+    negative_prompts: dict[Str, Str] = Field(default_factory=dict)
+    # A prompt of fewer words gets a private tip with its result, once a day per member; 0: never.
+    tip_under_words: Annotated[Int, _rule(lambda v: 0 <= v <= 50, "must be 0-50")] = 4
+
+
+class EnhanceSettings(_Section):
+    """Prompt enhancement (--enhance): a chat model expands a short prompt, through any
+    OpenAI-compatible endpoint (OpenAI, a local Ollama or vLLM server, a gateway)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: Str = ""  # the chat model; empty: enhancement is off, and --enhance is refused
+    base_url: Str = ""  # empty: OpenAI's (or $OPENAI_BASE_URL)
+    api_key_env: EnvName = "OPENAI_API_KEY"
+    timeout_s: Seconds = 20.0
+    max_tokens: Annotated[Int, _rule(lambda v: 16 <= v <= 2000, "must be 16-2000")] = 200
+    # What a failed enhancement does: "original" (use the prompt as typed, with a note) or "refuse".
+    on_failure: Annotated[Str, _one_of("original", "refuse", message='must be "original" or "refuse"')] = "original"
+    # What the member pays per 1000 tokens (prompt and answer together).
+    price_per_1k_tokens_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 0.0006
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None
+
+
 class Settings(BaseSettings):
     """All settings. Precedence: init values (settings_from_dict) > EASEL_* variables > the file
     (load_settings) > defaults."""
@@ -407,6 +440,8 @@ class Settings(BaseSettings):
     generators: GeneratorsSettings = Field(default_factory=GeneratorsSettings)  # type: ignore[valid-type]
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    prompts: PromptsSettings = Field(default_factory=PromptsSettings)
+    enhance: EnhanceSettings = Field(default_factory=EnhanceSettings)
 
     # Where the settings came from (None: built-in defaults) and what relative paths resolve to;
     # set by load_settings, never by the file.
