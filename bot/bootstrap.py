@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from bot.core.accounts import Accounts
 from bot.core.admission import Admission
 from bot.core.billing import Billing
+from bot.core.enhancing import Enhancer
 from bot.core.models import usd_to_micros
 from bot.core.negatives import BUILTIN as BUILTIN_NEGATIVES
 from bot.core.planning import Planner
 from bot.core.policy import Policy
-from bot.core.ports import Clock, Generator, ImageScreen, PromptScreen
+from bot.core.ports import Clock, Generator, ImageScreen, PromptEnhancer, PromptScreen
 from bot.core.recovery import recover, this_process
 from bot.core.results import Results
 from bot.core.routing import RetryPolicy, Router
@@ -75,6 +76,9 @@ class App:
 
     async def close(self) -> None:
         await self.router.close()
+        enhancer = self.service.enhancer.enhancer
+        if enhancer is not None and hasattr(enhancer, "close"):
+            await enhancer.close()
         self.db.close()
 
 
@@ -148,6 +152,23 @@ def policy_from(settings: Settings) -> Policy:
     )
 
 
+def build_enhancer(settings: Settings) -> PromptEnhancer | None:
+    """The chat model that expands prompts, when [enhance] names one."""
+    e = settings.enhance
+    if not e.model:
+        return None
+    from generators.enhance import ChatEnhancer
+
+    return ChatEnhancer(
+        model=e.model,
+        api_key=e.api_key(),
+        base_url=e.base_url or None,
+        timeout_s=e.timeout_s,
+        max_tokens=e.max_tokens,
+        price_per_1k_tokens_usd=e.price_per_1k_tokens_usd,
+    )
+
+
 def open_storage(settings: Settings) -> tuple[Database, LocalBlobStore]:
     """The database and the images folder, checked now: a problem with either is one line that
     names the setting and the settings file (a ConfigError), not a traceback mid-job."""
@@ -192,6 +213,11 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         blobs=blobs,
         codec=codec,
         owner=this_process(),
+        enhancer=Enhancer(
+            build_enhancer(settings),
+            on_failure=settings.enhance.on_failure,
+            max_prompt_chars=policy.max_prompt_chars,
+        ),
     )
     accounts = Accounts(policy, ledger, jobs, preferences, router, clock)
     return App(

@@ -124,6 +124,13 @@ MIGRATIONS: list[str] = [
     ALTER TABLE reservations ADD COLUMN request_group TEXT;
     CREATE INDEX reservations_user_state ON reservations(user_id, state);
     """,
+    # 5: prompt enhancement (a member's default; the prompt as typed) and tips for short prompts.
+    """
+    ALTER TABLE user_settings ADD COLUMN enhance INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE user_settings ADD COLUMN tipped_at REAL NOT NULL DEFAULT 0;
+    ALTER TABLE guild_settings ADD COLUMN tips INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN original_prompt TEXT;
+    """,
 ]
 
 class Database:

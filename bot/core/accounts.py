@@ -4,7 +4,7 @@ Each method runs its storage work in a worker thread."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .flags import FlagError, parse_aspect
 from .models import (
@@ -100,6 +100,7 @@ class Accounts:
         model: str | None = None,
         aspect: str | None = None,
         private: bool | None = None,
+        enhance: bool | None = None,
     ) -> UserSettings:
         """Change what is given (a CLEAR word resets it); Refusal(USAGE) for a bad value."""
         try:
@@ -112,11 +113,12 @@ class Accounts:
 
         def change() -> UserSettings:
             current = self.preferences.user(user_id)
-            updated = UserSettings(
-                user_id,
-                _pick(model, current.model),
-                _pick(aspect, current.aspect),
-                current.private if private is None else private,
+            updated = replace(
+                current,
+                model=_pick(model, current.model),
+                aspect=_pick(aspect, current.aspect),
+                private=current.private if private is None else private,
+                enhance=current.enhance if enhance is None else enhance,
             )
             if updated != current:
                 self.preferences.set_user(updated)
@@ -159,7 +161,7 @@ class Accounts:
 
         def change() -> GuildSettings:
             current = self.preferences.guild(guild_id)
-            updated = GuildSettings(current.guild_id, current.default_model, cap_micros or None)
+            updated = replace(current, spend_cap_micros=cap_micros or None)
             self.preferences.set_guild(updated)
             return updated
 

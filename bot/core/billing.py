@@ -37,6 +37,12 @@ class Ending:
     result: GeneratedImage | None = None
     stored: StoredBlob | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Prompt enhancement: the prompt drawn (None: as planned), the prompt as typed, what the
+    # enhancement cost (charged with the image, within the reservation), and a note.
+    prompt: str | None = None
+    original_prompt: str | None = None
+    extra_micros: int = 0
+    note: str | None = None
 
 
 class Billing:
@@ -101,15 +107,18 @@ class Billing:
             timings=end.timings,
         )
         result = end.result
+        params = job.params if end.prompt is None else job.params.but(prompt=end.prompt)
+        if end.prompt is not None:
+            values.update(params=params, original_prompt=end.original_prompt)
         if result is not None:
             values.update(
-                params=job.params.but(
-                    model=result.model, seed=result.seed, size=(result.width, result.height)
-                ),
+                params=params.but(model=result.model, seed=result.seed, size=(result.width, result.height)),
                 provider=result.provider,
                 revised_prompt=result.revised_prompt,
                 note=result.note,
             )
+        if end.note is not None:
+            values["note"] = "; ".join(filter(None, [values.get("note"), end.note]))
         if end.stored is not None:
             values.update(sha256=end.stored.key, image_url=end.stored.url)
         with self.uow.transaction():
@@ -117,7 +126,9 @@ class Billing:
                 billed = result.cost_usd if result is not None else None
                 current = self.jobs.get(job.id)
                 actual = (
-                    (current.estimate_micros if current else 0) if billed is None else usd_to_micros(billed)
+                    (current.estimate_micros if current else 0)
+                    if billed is None
+                    else usd_to_micros(billed) + end.extra_micros
                 )
                 values["cost_micros"] = self.ledger.settle(
                     job.id, actual, provider=result.provider if result is not None else None

@@ -28,6 +28,7 @@ class ParsedPrompt:
     steps: int | None = None
     guidance: float | None = None
     options: Mapping[str, str] = field(default_factory=dict)
+    enhance: bool | None = None  # --enhance: a chat model expands the prompt first
 
 
 # Model options that may be set inline (`--quality hd`); each model declares the values it takes.
@@ -43,9 +44,13 @@ _NAMES = {
     "guidance": "guidance",
     "cfg": "guidance",
     **{name: name for name in OPTION_FLAGS},
+    "enhance": "enhance",
 }
-FLAG_HELP = "--seed N, --no TEXT, --ar W:H, --model NAME, --steps N, --guidance F, " + ", ".join(
-    f"--{name} VALUE" for name in OPTION_FLAGS
+_SWITCHES = ("enhance",)  # flags that take no value
+FLAG_HELP = (
+    "--seed N, --no TEXT, --ar W:H, --model NAME, --steps N, --guidance F, "
+    + ", ".join(f"--{name} VALUE" for name in OPTION_FLAGS)
+    + ", --enhance"
 )
 
 
@@ -110,6 +115,11 @@ def parse_flags(text: str) -> ParsedPrompt:
             raise FlagError(f"--{flag} is given twice")
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         raw = text[m.end() : end].strip()
+        if name in _SWITCHES:
+            if raw:
+                raise FlagError(f"--{flag} takes no value, but got {raw!r}; put flags after the prompt")
+            values[name] = True
+            continue
         if not raw:
             raise FlagError(f"--{flag} needs a value")
         if name != "negative_prompt" and len(raw.split()) > 1:

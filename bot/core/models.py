@@ -471,6 +471,7 @@ class JobRequest:
     # The member's own defaults, for a model (imagine, edit) or an aspect (imagine) that neither
     # the options nor the prompt's flags give.
     defaults: UserSettings | None = None
+    enhance: bool | None = None  # expand the prompt with a chat model first (None: as the flags say)
 
     @property
     def user_id(self) -> str:
@@ -502,6 +503,7 @@ class JobRecord:
     timings: Mapping[str, float] = field(default_factory=dict)
     message_id: str | None = None
     public: bool = False  # posted where the channel sees it (see core.access)
+    original_prompt: str | None = None  # the prompt as typed, when it was enhanced
     owner: str | None = None  # the process running the job (see core.recovery)
     source_sha256: str | None = None  # an uploaded input image, kept in the blob store
     mask_sha256: str | None = None
@@ -632,11 +634,21 @@ class StoredBlob:
 
 
 @dataclass(frozen=True)
+class Enhanced:
+    """A prompt as a chat model expanded it, and what that cost."""
+
+    prompt: str
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True)
 class UserSettings:
     user_id: str
     model: str | None = None
     aspect: str | None = None
     private: bool = False
+    enhance: bool = False  # enhance every prompt of this member (imagine)
+    tipped_at: float = 0.0  # when this member last got a tip for a short prompt
 
 
 @dataclass(frozen=True)
@@ -644,3 +656,4 @@ class GuildSettings:
     guild_id: str
     default_model: str | None = None
     spend_cap_micros: int | None = None  # per budget period; None: no cap
+    tips: bool = True  # tips for short prompts

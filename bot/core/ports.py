@@ -13,6 +13,7 @@ from .models import (
     Adjustment,
     Balance,
     Caps,
+    Enhanced,
     GeneratedImage,
     GenerationRequest,
     GuildSettings,
@@ -139,6 +140,19 @@ class ImageScreen(Protocol):
     def screen_image(self, image: Any, *, nsfw_channel: bool = False) -> Verdict: ...
 
     def unavailable_reason(self) -> str | None: ...
+
+
+class PromptEnhancer(Protocol):
+    """Expands a short prompt (subject, style, lighting, composition) with a chat model."""
+
+    @property
+    def max_cost_usd(self) -> float:
+        """The most one enhancement can cost: what is reserved for it."""
+        ...
+
+    async def enhance(self, prompt: str) -> Enhanced:
+        """The expanded prompt; raises a GeneratorError when the model cannot give one."""
+        ...
 
 
 class Clock(Protocol):

@@ -24,6 +24,7 @@ _TWICE = {
 class Normalised:
     params: GenerationParams  # the prompt without its flags; what was asked, merged
     aspect: tuple[int, int] | None
+    enhance: bool = False  # expand the prompt with a chat model first
 
 
 MAX_USER_ID_CHARS = 100
@@ -108,7 +109,15 @@ def normalise(request: JobRequest, max_prompt_chars: int) -> Normalised:
         options={**asked.options, **parsed.options},
         **merged,
     )
-    return Normalised(params, aspect)
+    enhance = bool(parsed.enhance or request.enhance)
+    if (
+        request.enhance is None
+        and not parsed.enhance
+        and defaults is not None
+        and request.kind == Kind.IMAGINE
+    ):
+        enhance = defaults.enhance
+    return Normalised(params, aspect, enhance)
 
 
 def _pick(flag_value: Any, arg_value: Any, name: str) -> Any:

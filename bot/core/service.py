@@ -16,6 +16,7 @@ from dataclasses import replace
 from .access import find
 from .admission import Admission
 from .billing import Billing, Ending
+from .enhancing import NOT_SET_UP, Enhancement, Enhancer
 from .models import (
     MAX_SEED,
     BudgetRefusal,
@@ -59,10 +60,14 @@ class EaselService:
         blobs: BlobStore,
         codec: ImageCodec,
         owner: str,
+        enhancer: Enhancer | None = None,
     ):
         self.policy, self.planner, self.screening, self.billing = policy, planner, screening, billing
         self.admission, self.router, self.jobs, self.blobs = admission, router, jobs, blobs
         self.codec, self.owner = codec, owner
+        self.enhancer = enhancer or Enhancer(
+            None, on_failure="original", max_prompt_chars=policy.max_prompt_chars
+        )
         self._tasks: dict[int, asyncio.Task[JobOutcome]] = {}
 
     # ---- what front ends ask for --------------------------------------------------------------
@@ -87,7 +92,7 @@ class EaselService:
                 *[
                     self._run(
                         group,
-                        Normalised(asked.params.but(seed=seed), asked.aspect),
+                        replace(asked, params=asked.params.but(seed=seed)),
                         on_event if i == 0 else None,
                     )
                     for i, seed in enumerate(seeds)
@@ -142,14 +147,18 @@ class EaselService:
         try:
             with watch("prepare"):
                 plan = await self.planner.plan(request, asked)
+            if asked.enhance and not self.enhancer.available:
+                raise Refusal(ErrorCode.USAGE, NOT_SET_UP)
         except Refusal as exc:
             return _refused(exc)
         job = await asyncio.to_thread(self._create, request, plan)
+        done: list[Enhancement] = []  # the enhancement, once made
         task = asyncio.current_task()
         if task is not None:
             self._tasks[job.id] = task
         try:
-            return await self.billing.finish(job, await self._steps(job, request, plan, watch, on_event))
+            ending = await self._steps(job, request, plan, watch, on_event, asked.enhance, done)
+            return await self.billing.finish(job, _enhanced(ending, done))
         except asyncio.CancelledError:
             ending = Ending(JobStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled", timings=watch.ms)
             await asyncio.shield(self.billing.finish(job, ending))
@@ -158,7 +167,14 @@ class EaselService:
             self._tasks.pop(job.id, None)
 
     async def _steps(
-        self, job: JobRecord, request: JobRequest, plan: Plan, watch: _Stopwatch, on_event: EventSink | None
+        self,
+        job: JobRecord,
+        request: JobRequest,
+        plan: Plan,
+        watch: _Stopwatch,
+        on_event: EventSink | None,
+        enhance: bool,
+        done: list[Enhancement],
     ) -> Ending:
         nsfw = request.requester.nsfw_channel
         try:
@@ -168,7 +184,16 @@ class EaselService:
             group = request.group or f"job:{job.id}"
             async with self.admission.request(job.user_id, group):
                 with watch("reserve"):
-                    await self.billing.reserve(job, plan, self.billing.estimate_micros(plan), group)
+                    allowance = self.enhancer.allowance_micros() if enhance else 0
+                    await self.billing.reserve(
+                        job, plan, self.billing.estimate_micros(plan) + allowance, group
+                    )
+                if enhance:
+                    with watch("enhance"):
+                        done.append(await self.enhancer.apply(plan))
+                    plan = done[0].plan
+                    with watch("screen_enhanced"):  # the enhancer cannot smuggle content past the screen
+                        await self.screening.screen_request(request, plan.request)
                 queued = time.perf_counter()
                 # The slot limits calls to the generator, not the work on their results.
                 async with self.admission.slot(plan.route.spec.provider, job.id, job.user_id, on_event):
@@ -278,6 +303,20 @@ class EaselService:
         return JobRequest(
             job.kind, requester, params.but(size=None), source_job_id=job.source_job_id, image=source
         )
+
+
+def _enhanced(ending: Ending, done: list[Enhancement]) -> Ending:
+    """The ending with what the enhancement changed: the prompt recorded, its cost, its note."""
+    if not done:
+        return ending
+    e = done[0]
+    return replace(
+        ending,
+        prompt=e.plan.request.prompt if e.original is not None else None,
+        original_prompt=e.original,
+        extra_micros=e.cost_micros,
+        note=e.note,
+    )
 
 
 def _refused(exc: Refusal) -> JobOutcome:

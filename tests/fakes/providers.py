@@ -387,6 +387,7 @@ class FakeOpenAI(FakeServer):
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/images/generations", self._generations)
         app.router.add_post("/v1/images/edits", self._edits)
+        app.router.add_post("/v1/chat/completions", self._chat)
 
     def unauthorized(self, presented: str) -> web.Response:
         # OpenAI quotes the key it got (partly masked); this fake quotes all of it, which is worse.
@@ -450,6 +451,32 @@ class FakeOpenAI(FakeServer):
         else:
             body.update(output_format=params.get("output_format", "png"), usage=self._usage(params, 0))
         return web.json_response(body)
+
+    # What the fake's chat model answers: the user's prompt with this added (route "chat").
+    enhancement = ", a sweeping landscape at golden hour, dramatic lighting, oil painting"
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        """Chat completions without streaming, as a prompt enhancer calls them."""
+        if (reply := await self.scripted("chat", request)) is not None:
+            return reply
+        params = request[RECORD].json
+        if params.get("stream"):
+            return self._invalid("This fake does not stream.", "stream")
+        messages = params.get("messages") or []
+        if not params.get("model") or not messages:
+            return self._invalid("Missing required parameter: 'messages'.", "messages", MISSING)
+        prompt = messages[-1]["content"]
+        answer = prompt + self.enhancement
+        prompt_tokens = sum(len(m["content"].split()) for m in messages)
+        completion_tokens = len(answer.split())
+        return web.json_response({
+            "id": f"chatcmpl-{next(self._ids)}", "object": "chat.completion", "created": int(time.time()),
+            "model": params["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": answer}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        })
 
     async def _edits(self, request: web.Request) -> web.Response:
         if (reply := await self.scripted("edits", request)) is not None:
