@@ -145,6 +145,7 @@ def policy_from(settings: Settings) -> Policy:
         blocked_outputs_are_paid=settings.moderation.blocked_outputs_are_paid,
         daily_spend_cap_micros=usd_to_micros(budget.daily_spend_cap_usd),
         budget_period=budget.period,
+        tip_under_words=settings.prompts.tip_under_words,
         negative_prompts={
             **(BUILTIN_NEGATIVES if settings.prompts.builtin_negatives else {}),
             **settings.prompts.negative_prompts,

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--negative", help="what to keep out of the image")
     p.add_argument("--size", type=_size, help="WxH, e.g. 512x512")
+    p.add_argument("--enhance", action="store_true", default=None,
+                   help="let a chat model expand the prompt first (see [enhance] in the settings)")
     job_options(p)
 
     p = sub.add_parser("variation", help="a variation of an earlier job's image")
@@ -231,6 +233,7 @@ def _job_command(settings, args) -> int:
     request = JobRequest(
         Kind(args.command), Requester(args.user), params,
         source_job_id=getattr(args, "job_id", None),
+        enhance=getattr(args, "enhance", None),
         image=_read_file(getattr(args, "image", None), settings.generation.max_upload_bytes, "image"),
         mask=_read_file(getattr(args, "mask", None), settings.generation.max_upload_bytes, "mask"),
     )
@@ -252,6 +255,9 @@ async def _run_job(settings, request, *, as_json: bool) -> int:
         job = outcome.job
         print(f"job {job.id}: {job.width}x{job.height}, seed {job.seed}, model {job.model} ({job.provider}), "
               f"cost ${job.cost_micros / 1e6:.4f}, balance ${outcome.balance_usd:.4f}")
+        if job.original_prompt:
+            print(f"enhanced prompt: {_printable(job.prompt)}")
+            print(f"typed prompt:    {_printable(job.original_prompt)}")
         if job.revised_prompt:
             print(f"revised prompt: {job.revised_prompt}")
         if job.note:

@@ -89,6 +89,7 @@ def settings_data(tmp_path: Path, overrides: dict[str, dict[str, Any]] | None = 
         "storage": {"database": str(tmp_path / "easel.db"), "images_dir": str(tmp_path / "images")},
         "generation": {"default_model": "fake-model"},
         "discord": {"progress_interval_s": 1.0},
+        "prompts": {"tip_under_words": 0},  # tips for short prompts are tested on their own
     }
     for table, values in (overrides or {}).items():
         data.setdefault(table, {}).update(values)

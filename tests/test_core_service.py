@@ -76,7 +76,8 @@ class Core:
             default_model="m", max_prompt_chars=100, default_strength=0.6, upscale_factor=2,
             job_timeout_s=5.0, max_upload_bytes=1000, max_upload_pixels=10**6,
             max_requests_per_user=max_requests, blocked_outputs_are_paid=False,
-            daily_spend_cap_micros=0, budget_period="month", negative_prompts=negatives or {})
+            daily_spend_cap_micros=0, budget_period="month", negative_prompts=negatives or {},
+            tip_under_words=4)
         self.generator, self.clock = generator, FixedClock()
         self.jobs, self.ledger, self.blobs = MemoryJobs(), MemoryLedger(usd_to_micros(allowance)), MemoryBlobs()
         self.prefs, self.uow, codec = MemoryPreferences(), MemoryUnitOfWork(), FakeCodec()
@@ -337,3 +338,17 @@ async def test_a_reroll_keeps_the_recorded_default_negative():
     first = await core.service.submit(job_request("imagine", "u1", "a fox --no +text"))
     again = await core.service.reroll(first.job.id, Requester("u1"))
     assert again.job.negative_prompt == first.job.negative_prompt == "blurry, watermark, text"
+
+
+async def test_a_short_prompt_gets_one_tip_a_day_unless_the_guild_switched_tips_off():
+    core = Core(MemoryGenerator())
+    accounts = core.accounts
+    assert await accounts.take_tip("u1", "g1", "a long and detailed prompt", can_enhance=False) is None
+    tip = await accounts.take_tip("u1", "g1", "a fox", can_enhance=True)
+    assert tip is not None and tip.startswith("\U0001f4a1 Tip") and "--enhance" in tip
+    assert await accounts.take_tip("u1", "g1", "a cat", can_enhance=True) is None  # once a day
+    core.clock.t += 24 * 3600 + 1
+    assert "--enhance" not in await accounts.take_tip("u1", None, "a cat", can_enhance=False)
+    await accounts.set_guild_tips("g2", False)
+    assert await accounts.take_tip("u2", "g2", "a cat", can_enhance=False) is None
+    assert core.prefs.user("u2").tipped_at == 0.0  # no tip given, none recorded

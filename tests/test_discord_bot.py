@@ -46,6 +46,7 @@ from tests.discord_helpers import (  # noqa: E402
 )
 from tests.fakes.discord_server import EPHEMERAL, FakeDiscord  # noqa: E402
 from tests.fakes.generators import GeneratorError, PreparedGenerator, png_bytes  # noqa: E402
+from tests.fakes.providers import FakeOpenAI  # noqa: E402
 from tests.helpers import write_workspace_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,12 +112,14 @@ def png_of(image: PILImage.Image) -> bytes:
 async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
     bot = await make_bot()
     commands = {c["name"]: c for c in fake.commands()}
-    assert sorted(commands) == ["budget", "edit", "imagine", "settings", "upscale", "usage", "variation"]
+    assert sorted(commands) == ["budget", "edit", "imagine", "settings", "tips", "upscale", "usage", "variation"]
     assert fake.commands(fake.guild) == []  # no sync_guilds: global commands only
     assert fake.unmatched_requests == []
 
     imagine = {o["name"]: o for o in commands["imagine"]["options"]}
-    assert list(imagine) == ["prompt", "negative", "seed", "model", "aspect", "quality", "sampler", "count"]
+    assert list(imagine) == ["prompt", "negative", "seed", "model", "aspect", "quality", "sampler", "count",
+                             "enhance"]
+    assert imagine["enhance"]["type"] == 5  # a boolean
     assert imagine["sampler"].get("autocomplete") is True
     assert imagine["prompt"]["required"] is True
     assert not any(o.get("required") for name, o in imagine.items() if name != "prompt")
@@ -140,8 +143,9 @@ async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
     assert sorted(subcommands) == ["grant", "guild-cap", "report", "reset", "set", "show"]
     assert all(o["type"] == 1 for o in subcommands.values())
     assert [(o["name"], o["type"]) for o in subcommands["set"]["options"]] == [("user", 6), ("amount", 10)]
+    assert str(commands["tips"]["default_member_permissions"]) == str(1 << 5)
     for name, command in commands.items():
-        if name != "budget":
+        if name not in ("budget", "tips"):
             assert command["default_member_permissions"] is None, name
     assert bot.client.user.id == fake.bot_user.id
 
@@ -1020,7 +1024,7 @@ async def test_easel_run_serves_an_imagine_and_stops_on_sigterm(fake, easel_proc
         raise AssertionError(f"easel run never identified\n{easel.stderr()}") from None
     assert fake.identify_payload["intents"] == INTENTS
     assert sorted(c["name"] for c in fake.commands()) == [
-        "budget", "edit", "imagine", "settings", "upscale", "usage", "variation"]
+        "budget", "edit", "imagine", "settings", "tips", "upscale", "usage", "variation"]
     assert not [r for r in fake.requests if r.path.endswith("/gateway/bot")]  # it was given the gateway
 
     interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse --ar 1:1"})
@@ -1058,3 +1062,69 @@ async def test_easel_run_given_only_the_api_base_asks_it_for_the_gateway(fake, e
     await fake.wait_for_request(lambda r: r.method == "PUT" and r.path.endswith("/commands"), timeout=30)
     assert fake.token not in easel.stderr()
     assert await easel.stop(timeout=20) == 0, easel.stderr()
+
+
+# ---- prompts: tips for short prompts, enhancement ---------------------------------------------
+
+async def test_a_short_prompt_gets_one_private_tip_a_day_and_a_server_can_switch_tips_off(fake, make_bot, bob):
+    bot = await make_bot({"prompts": {"tip_under_words": 4}})
+    first = await fake.send_slash_command("imagine", {"prompt": "a kite"})
+    await result_of(fake, first, bot=bot)
+    [tip] = await eventually(lambda: [fake.message(i) for i in first.followup_message_ids] or None,
+                             what="a tip")
+    assert tip.content.startswith("\U0001f4a1 Tip: short prompts") and tip.flags & EPHEMERAL
+    again = await fake.send_slash_command("imagine", {"prompt": "a boat"})
+    await result_of(fake, again, bot=bot)
+    long = await fake.send_slash_command("imagine", {"prompt": "a red kite over green hills at dawn"}, user=bob)
+    await result_of(fake, long, bot=bot)
+
+    reply = await immediate_reply(fake, await fake.send_slash_command("tips", {"on": False}, user=fake.owner))
+    assert "off" in reply.content
+    short = await fake.send_slash_command("imagine", {"prompt": "a kite"}, user=bob)
+    await result_of(fake, short, bot=bot)
+    await asyncio.sleep(0.3)
+    assert again.followup_message_ids == [] and long.followup_message_ids == [] and short.followup_message_ids == []
+
+
+@pytest.fixture
+async def chat(monkeypatch):
+    async with FakeOpenAI(api_key="sk-chat-test") as fake_chat:
+        monkeypatch.setenv("EASEL_CHAT_KEY", fake_chat.api_key)
+        yield fake_chat
+
+
+def enhance_config(chat) -> dict:
+    return {"enhance": {"model": "gpt-4o-mini", "base_url": f"{chat.base_url}/v1", "api_key_env": "EASEL_CHAT_KEY"}}
+
+
+async def test_imagine_with_enhance_shows_the_enhanced_and_the_typed_prompt(fake, make_bot, chat):
+    bot = await make_bot(enhance_config(chat))
+    _, message = await imagine_result(bot, {"prompt": "a kite --seed 3", "enhance": True})
+    [job] = bot.jobs()
+    assert (job.prompt, job.original_prompt) == ("a kite" + chat.enhancement, "a kite")
+    assert bot.generator.calls[0].prompt == job.prompt
+    assert message.embeds[0]["description"] == job.prompt
+    assert embed_fields(message)["Typed prompt (enhanced above)"] == "a kite"
+    assert f"easel:enhance:{job.id}" not in button_ids(message)  # already enhanced
+
+
+async def test_the_enhance_button_redraws_the_same_seed_with_the_enhanced_prompt(fake, make_bot, chat, bob):
+    bot = await make_bot(enhance_config(chat))
+    _, result = await imagine_result(bot, {"prompt": "a lighthouse --seed 11"})
+    [source] = bot.jobs()
+    assert f"easel:enhance:{source.id}" in button_ids(result)
+    click = await fake.send_component_interaction(result.id, f"easel:enhance:{source.id}", user=bob)
+    await result_of(fake, click, bot=bot)
+    job = bot.jobs()[-1]
+    assert (job.user_id, job.seed, job.original_prompt) == (str(bob.id), 11, "a lighthouse")
+    assert job.prompt == "a lighthouse" + chat.enhancement and bot.generator.calls[-1].seed == 11
+
+
+async def test_without_an_enhancer_the_enhance_button_is_not_offered_and_settings_refuse_it(fake, make_bot):
+    bot = await make_bot()
+    _, result = await imagine_result(bot, {"prompt": "a lighthouse"})
+    assert not any(":enhance:" in b for b in button_ids(result))
+    interaction = await fake.send_slash_command("settings", {"enhance": True})
+    reply = await immediate_reply(fake, interaction)
+    assert "not set up" in reply.content
+    assert bot.app.preferences.user(str(fake.user.id)).enhance is False

@@ -127,6 +127,8 @@ CASES = [
     Case("absurd aspect", ["imagine", "a cat --ar 100:1"], USAGE, "ratio"),
     Case("unknown model", ["imagine", "a cat", "--model", "no-such-model"], USAGE, "no-such-model"),
     Case("unknown sampler", ["imagine", "a cat", "--sampler", "bogus"], USAGE, "sampler"),
+    Case("--enhance without an enhancer", ["imagine", "a cat --enhance"], USAGE, "prompt enhancement is not set up"),
+    Case("--enhance with a value", ["imagine", "a cat --enhance lots"], USAGE, "--enhance takes no value"),
     Case("option the model lacks", ["imagine", "a cat", "--quality", "hd"], USAGE, "has no option 'quality'"),
     # ---- jobs ---------------------------------------------------------------------------------
     Case("missing job", ["variation", "999"], USAGE, "there is no job 999"),

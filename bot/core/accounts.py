@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, replace
 
+from .advice import TIP_INTERVAL_S, tip_for
 from .flags import FlagError, parse_aspect
 from .models import (
     MAX_ADJUSTMENT_MICROS,
@@ -155,6 +156,40 @@ class Accounts:
             )
 
         return await asyncio.to_thread(read)
+
+    async def take_tip(
+        self, user_id: str, guild_id: str | None, prompt: str, *, can_enhance: bool
+    ) -> str | None:
+        """The advice for a short prompt, if this member is due one (once a day, and not where
+        the guild switched tips off); recorded as given."""
+        tip = tip_for(prompt, self.policy.tip_under_words, can_enhance=can_enhance)
+        if tip is None:
+            return None
+        now = self.clock.time()
+        current = await self.user_settings(user_id)
+        if now - current.tipped_at < TIP_INTERVAL_S:
+            return None
+
+        def record() -> UserSettings | None:
+            if guild_id is not None and not self.preferences.guild(guild_id).tips:
+                return None
+            updated = replace(self.preferences.user(user_id), tipped_at=now)
+            self.preferences.set_user(updated)
+            return updated
+
+        updated = await asyncio.to_thread(record)
+        if updated is None:
+            return None
+        self._settings[user_id] = updated
+        return tip
+
+    async def set_guild_tips(self, guild_id: str, on: bool) -> GuildSettings:
+        def change() -> GuildSettings:
+            updated = replace(self.preferences.guild(guild_id), tips=on)
+            self.preferences.set_guild(updated)
+            return updated
+
+        return await asyncio.to_thread(change)
 
     async def set_guild_cap(self, guild_id: str, cap_micros: int | None) -> GuildSettings:
         """The guild's spending cap per budget period; None (or 0) removes it."""

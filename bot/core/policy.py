@@ -20,6 +20,7 @@ class Policy:
     blocked_outputs_are_paid: bool
     daily_spend_cap_micros: int  # paid generation per UTC day; 0: no cap
     budget_period: str  # day, week or month: what guild caps and reports count over
+    tip_under_words: int = 0  # prompts of fewer words get a tip (core.advice); 0: never
     # Default negative prompts by model name or family (see core.negatives).
     negative_prompts: Mapping[str, str] = field(default_factory=dict)
     # Generators whose cost is not money spent with someone else (the daily cap does not apply).

@@ -129,6 +129,17 @@ class EaselService:
         """An earlier result, enlarged (a result's Upscale button)."""
         return await self.submit(JobRequest(Kind.UPSCALE, requester, source_job_id=job_id), on_event)
 
+    async def enhance_again(
+        self, job_id: int, requester: Requester, on_event: EventSink | None = None
+    ) -> JobOutcome:
+        """The job's prompt as typed, enhanced, with its seed and size (a result's Enhance button)."""
+        try:
+            job = await asyncio.to_thread(find, self.jobs, job_id, requester)
+        except Refusal as exc:
+            return _refused(exc)
+        params = job.params.but(prompt=job.original_prompt or job.prompt)
+        return await self.submit(JobRequest(Kind.IMAGINE, requester, params, enhance=True), on_event)
+
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job; True if it was in flight here."""
         task = self._tasks.get(job_id)

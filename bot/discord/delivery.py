@@ -183,6 +183,20 @@ class Delivery:
             await self._tell(interaction, text, started)
         return list(outcomes)
 
+    async def advise(self, interaction: discord.Interaction, outcomes: list[JobOutcome]) -> None:
+        """A private tip after a result of a short prompt, when the member is due one."""
+        job = next((o.job for o in outcomes if o.ok and o.job is not None), None)
+        if job is None:
+            return
+        guild = str(interaction.guild_id) if interaction.guild_id else None
+        tip = await self.app.accounts.take_tip(str(interaction.user.id), guild, job.original_prompt or job.prompt,
+                                               can_enhance=self.app.service.enhancer.available)
+        if tip is not None:
+            try:
+                await interaction.followup.send(tip, ephemeral=True)
+            except discord.HTTPException as exc:
+                log.info("could not send a tip: %s", exc)
+
     async def _tell(self, interaction: discord.Interaction, text: str, started: float) -> None:
         if not token_expired(started):
             try:
@@ -204,7 +218,7 @@ class Delivery:
         if compressed:
             embed.add_field(name="Full size", value=f"[{job.width}\u00d7{job.height} PNG]({job.image_url})",
                             inline=False)
-        return file, embed, result_view(job)
+        return file, embed, result_view(job, can_enhance=self.app.service.enhancer.available)
 
     async def _deliver(self, interaction: discord.Interaction, outcome: JobOutcome, started: float,
                        *, private: bool, first: bool) -> None:

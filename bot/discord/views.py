@@ -10,7 +10,9 @@ from .errors import on_command_error
 
 REACTIONS = {"\U0001f501": "variation", "\U0001f3b2": "reroll", "\u2b06\ufe0f": "upscale",
              "\U0001f5d1\ufe0f": "delete"}
-ACTION_LABELS = {"variation": "Vary", "reroll": "Reroll", "upscale": "Upscale", "delete": "Delete"}
+BUTTON_EMOJI = {**{a: e for e, a in REACTIONS.items()}, "enhance": "\U0001fa84"}  # a button only
+ACTION_LABELS = {"variation": "Vary", "reroll": "Reroll", "upscale": "Upscale", "enhance": "Enhance",
+                 "delete": "Delete"}
 TITLES = {Kind.IMAGINE: "Imagined", Kind.VARIATION: "Variation", Kind.EDIT: "Edit", Kind.UPSCALE: "Upscaled"}
 
 
@@ -24,12 +26,12 @@ def action_for_emoji(name: str) -> str | None:
 
 
 class ResultButton(discord.ui.DynamicItem[discord.ui.Button],
-                   template=r"easel:(?P<action>variation|reroll|upscale|delete):(?P<job>\d+)"):
+                   template=r"easel:(?P<action>variation|reroll|upscale|enhance|delete):(?P<job>\d+)"):
     """A button under a result. Its custom id names the action and the job, so it keeps working
     after a restart (registered with Client.add_dynamic_items)."""
 
     def __init__(self, action: str, job_id: int):
-        emoji = next(e for e, a in REACTIONS.items() if a == action)
+        emoji = BUTTON_EMOJI[action]
         style = discord.ButtonStyle.danger if action == "delete" else discord.ButtonStyle.secondary
         super().__init__(discord.ui.Button(label=ACTION_LABELS[action], emoji=emoji, style=style,
                                            custom_id=f"easel:{action}:{job_id}"))
@@ -47,10 +49,12 @@ class ResultButton(discord.ui.DynamicItem[discord.ui.Button],
             await on_command_error(interaction, exc)
 
 
-def result_view(job: JobRecord) -> discord.ui.View:
+def result_view(job: JobRecord, *, can_enhance: bool = False) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
-    for action in ("variation", "reroll", "upscale", "delete"):
+    for action in ("variation", "reroll", "upscale", "enhance", "delete"):
         if action == "upscale" and job.kind == Kind.UPSCALE:
+            continue
+        if action == "enhance" and not (can_enhance and job.kind == Kind.IMAGINE and job.original_prompt is None):
             continue
         view.add_item(ResultButton(action, job.id))
     return view
@@ -71,6 +75,8 @@ def result_embed(job: JobRecord, balance_usd: float | None, filename: str | None
                           description=_clip(job.prompt, 4000) or None, url=full_url, color=0x5865F2)
     if job.negative_prompt:
         embed.add_field(name="Negative", value=_clip(job.negative_prompt, 1000), inline=False)
+    if job.original_prompt:
+        embed.add_field(name="Typed prompt (enhanced above)", value=_clip(job.original_prompt, 1000), inline=False)
     if job.revised_prompt:
         embed.add_field(name="Revised prompt", value=_clip(job.revised_prompt, 1000), inline=False)
     embed.add_field(name="Seed", value=str(job.seed) if job.seed is not None else "not reproducible")

@@ -5,6 +5,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from ...core.enhancing import NOT_SET_UP
 from ...core.models import Refusal, micros_to_usd
 from ..delivery import Delivery
 from ..errors import Refused
@@ -34,16 +35,20 @@ class Account(commands.Cog):
 
     @app_commands.command(name="settings", description="Your defaults: model, aspect, private results")
     @app_commands.describe(model="a model, or 'default'", aspect="like 16:9, or 'default'",
-                           private="only you see your results")
+                           private="only you see your results", enhance="expand every prompt with a chat model")
     @app_commands.autocomplete(model=model_autocomplete)
     async def settings_command(self, interaction: discord.Interaction, model: str | None = None,
-                               aspect: str | None = None, private: bool | None = None) -> None:
+                               aspect: str | None = None, private: bool | None = None,
+                               enhance: bool | None = None) -> None:
+        if enhance and not self.app.service.enhancer.available:
+            raise Refused(NOT_SET_UP)
         try:
             updated = await self.app.accounts.change_settings(
-                str(interaction.user.id), model=model, aspect=aspect, private=private)
+                str(interaction.user.id), model=model, aspect=aspect, private=private, enhance=enhance)
         except Refusal as exc:
             raise Refused(str(exc), exc.code) from None
         await interaction.response.send_message(
             f"Your defaults: model **{updated.model or 'server default'}**, aspect "
-            f"**{updated.aspect or 'model default'}**, results **{'private' if updated.private else 'public'}**.",
+            f"**{updated.aspect or 'model default'}**, results **{'private' if updated.private else 'public'}**"
+            + (", prompts **enhanced**." if updated.enhance else "."),
             ephemeral=True)

@@ -88,6 +88,16 @@ class Admin(commands.Cog):
         except Refusal as exc:
             raise Refused(str(exc), exc.code) from None
 
+    @app_commands.command(name="tips", description="Tips for short prompts in this server (admins)")
+    @app_commands.describe(on="give members tips for short prompts (at most one a day each)")
+    @app_commands.guild_only()
+    @app_commands.default_permissions(manage_guild=True)
+    async def tips(self, interaction: discord.Interaction, on: bool) -> None:
+        assert interaction.guild_id is not None
+        await self.app.accounts.set_guild_tips(str(interaction.guild_id), on)
+        await interaction.response.send_message(
+            f"Tips for short prompts are {'on' if on else 'off'} in this server.", ephemeral=True)
+
     async def _answer(self, interaction: discord.Interaction, user: discord.Member, period: str | None = None,
                       did: str | None = None) -> None:
         usage = await self.app.accounts.usage(str(user.id), period)

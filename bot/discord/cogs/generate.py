@@ -37,14 +37,15 @@ class Generate(commands.Cog):
     @app_commands.describe(prompt="what to draw", negative="what to keep out", seed="for a reproducible image",
                            model="which model", aspect="width:height", quality="for models that have it",
                            sampler="the sampler, for models that take one (local models)",
-                           count="how many images")
+                           count="how many images", enhance="let a chat model expand the prompt first")
     @app_commands.autocomplete(model=model_autocomplete, sampler=sampler_autocomplete)
     @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS],
                           quality=[app_commands.Choice(name=q, value=q) for q in QUALITIES])
     async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 4000],
                       negative: str | None = None, seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
                       model: str | None = None, aspect: str | None = None, quality: str | None = None,
-                      sampler: str | None = None, count: app_commands.Range[int, 1, 4] = 1) -> None:
+                      sampler: str | None = None, count: app_commands.Range[int, 1, 4] = 1,
+                      enhance: bool | None = None) -> None:
         begun = await self.delivery.begin(interaction)
         if begun is None:
             return
@@ -58,12 +59,13 @@ class Generate(commands.Cog):
             raise Refused(str(exc)) from None
         params = GenerationParams(prompt=prompt, negative_prompt=negative, seed=seed, model=model, options=options)
         request = JobRequest(Kind.IMAGINE, of_interaction(interaction), params, defaults=prefs,
-                             aspect=ratio, group=f"interaction:{interaction.id}")
+                             aspect=ratio, group=f"interaction:{interaction.id}", enhance=enhance)
 
         async def run(on_event):
             return await self.app.service.imagine(request, count, on_event)
 
-        await self.delivery.for_interaction(interaction, run, private=prefs.private, started=started)
+        outcomes = await self.delivery.for_interaction(interaction, run, private=prefs.private, started=started)
+        await self.delivery.advise(interaction, outcomes)
 
     @app_commands.command(description="Repaint an image from a prompt (where the mask is white)")
     @app_commands.describe(image="the image to edit", mask="white: repaint, black: keep", prompt="what to paint")

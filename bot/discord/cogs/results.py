@@ -22,7 +22,7 @@ class Results(commands.Cog):
     def action(self, action: str, job: JobRecord, who: Requester) -> Run:
         """The service call a click or a reaction makes, charged to whoever clicked."""
         call = {"reroll": self.app.service.reroll, "variation": self.app.service.vary,
-                "upscale": self.app.service.upscale}[action]
+                "upscale": self.app.service.upscale, "enhance": self.app.service.enhance_again}[action]
         return lambda on_event: _one(call(job.id, who, on_event))
 
     async def on_result_action(self, interaction: discord.Interaction, action: str, job_id: int) -> None:
