@@ -271,6 +271,66 @@ class TogetherSettings(CloudGeneratorSettings):
     timeout_s: Seconds = 60.0
 
 
+_GOOGLE_KEY_ENVS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # google-genai's order
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("true", "1")
+
+
+class GoogleSettings(CloudGeneratorSettings):
+    """Imagen 4 (Vertex AI) and Gemini image, through google-genai, which reads GOOGLE_API_KEY
+    (else GEMINI_API_KEY), GOOGLE_GENAI_USE_VERTEXAI, GOOGLE_CLOUD_PROJECT/LOCATION and
+    GOOGLE_VERTEX_BASE_URL / GOOGLE_GEMINI_BASE_URL; the keys here override them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key_env: EnvName = "GOOGLE_API_KEY"
+    timeout_s: Seconds = 120.0
+    # true: Vertex AI (Imagen and Gemini); false: the Gemini API (Gemini image only); "auto":
+    # as GOOGLE_GENAI_USE_VERTEXAI says.
+    vertex: Annotated[Bool | Str, _rule(lambda v: isinstance(v, bool) or v == "auto",
+                                        'must be true, false or "auto"')] = "auto"
+    # Vertex AI with Application Default Credentials instead of an express-mode key; empty:
+    # GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_LOCATION.
+    project: Str = ""
+    location: Str = ""
+
+    def api_key(self) -> str | None:
+        names = (self.api_key_env,) + (_GOOGLE_KEY_ENVS[1:] if self.api_key_env == _GOOGLE_KEY_ENVS[0] else ())
+        return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+    def use_vertex(self) -> bool:
+        return _env_true("GOOGLE_GENAI_USE_VERTEXAI") if self.vertex == "auto" else bool(self.vertex)
+
+    def generator_kwargs(self, settings: Settings) -> dict[str, Any] | None:
+        """As for every cloud provider, plus the mode; also built without a key on Vertex AI with
+        a project (Application Default Credentials)."""
+        if not self.enabled:
+            return None
+        key, vertex = self.api_key(), self.use_vertex()
+        project = self.project or (os.environ.get("GOOGLE_CLOUD_PROJECT", "") if key is None else "")
+        if key is None and not (vertex and project):
+            return None
+        return {
+            "api_key": key or "",
+            "base_url": self.base_url or None,
+            "timeout_s": self.timeout_s,
+            "prices": dict(self.prices) or None,
+            "enabled_models": list(self.models) or None,
+            "vertex": vertex,
+            "project": self.project or None,
+            "location": self.location or None,
+        }
+
+
+class FireworksSettings(CloudGeneratorSettings):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key_env: EnvName = "FIREWORKS_API_KEY"
+    timeout_s: Seconds = 60.0
+
+
 @dataclass(frozen=True)
 class GeneratorEntry:
     """One generator: its `[generators.<name>]` table (and provider name), its class as
@@ -296,6 +356,8 @@ GENERATORS: tuple[GeneratorEntry, ...] = (
     GeneratorEntry("openai", "generators.openai_images:OpenAIImages", OpenAISettings),
     GeneratorEntry("replicate", "generators.replicate_flux:ReplicateFlux", ReplicateSettings),
     GeneratorEntry("together", "generators.together_flux:TogetherFlux", TogetherSettings),
+    GeneratorEntry("google", "generators.google_imagen:GoogleImagen", GoogleSettings),
+    GeneratorEntry("fireworks", "generators.fireworks_flux:FireworksFlux", FireworksSettings),
 )
 
 # [generators]: one field per registry entry, each defaulting to its section's defaults.

@@ -8,6 +8,8 @@ from bot.config import (
     GENERATORS,
     CloudGeneratorSettings,
     ConfigError,
+    FireworksSettings,
+    GoogleSettings,
     LocalGeneratorSettings,
     OpenAISettings,
     ReplicateSettings,
@@ -219,15 +221,16 @@ def test_a_bad_variable_is_named_in_one_line(tmp_path, monkeypatch, name, value,
 
 
 def test_registry_lists_every_generator_and_queue_limits_read_it():
-    assert [e.name for e in GENERATORS] == ["local", "openai", "replicate", "together"]
+    assert [e.name for e in GENERATORS] == ["local", "openai", "replicate", "together", "google", "fireworks"]
     assert [e.settings_class for e in GENERATORS] == [
-        LocalGeneratorSettings, OpenAISettings, ReplicateSettings, TogetherSettings]
+        LocalGeneratorSettings, OpenAISettings, ReplicateSettings, TogetherSettings, GoogleSettings,
+        FireworksSettings]
     s = settings_from_dict({"generators": {"local": {"max_concurrent": 2}, "together": {"max_concurrent": 7}}})
     assert list(type(s.generators).model_fields) == [e.name for e in GENERATORS]
     for e in GENERATORS:
         assert isinstance(e.section(s), e.settings_class) and e.section(s) is getattr(s.generators, e.name)
         assert ":" in e.target and e.target.startswith("generators.")
-    assert queue_limits(s) == {"local": 2, "openai": 4, "replicate": 4, "together": 7}
+    assert queue_limits(s) == {"local": 2, "openai": 4, "replicate": 4, "together": 7, "google": 4, "fireworks": 4}
     assert all(issubclass(c, CloudGeneratorSettings) for c in (OpenAISettings, ReplicateSettings, TogetherSettings))
 
 
