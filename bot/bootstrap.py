@@ -4,7 +4,7 @@ the service. Tests and benchmarks pass `Overrides` for the seams they replace.""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from bot.core.accounts import Accounts
@@ -30,6 +30,7 @@ from storage.ledger import Ledger
 from storage.preferences import Preferences
 
 from .config import GENERATORS, ConfigError, Settings, queue_limits
+from .metrics import Metrics
 
 
 class SystemClock:
@@ -62,6 +63,7 @@ class App:
     accounts: Accounts
     results: Results
     clock: Clock
+    metrics: Metrics
 
     def recover(self) -> list[int]:
         """Fail and refund what a dead easel process left in flight (a start-up step)."""
@@ -116,10 +118,13 @@ def build_image_screen(settings: Settings) -> ImageScreen:
     return NudeNetScreen(threshold=mod.nsfw_threshold, nsfw_channel_policy=mod.nsfw_channels)
 
 
-def build_router(settings: Settings, generators: list[Generator]) -> Router:
+def build_router(
+    settings: Settings, generators: list[Generator], on_failure: Callable[[str, str], None] | None = None
+) -> Router:
     r = settings.routing
     return Router(
         generators,
+        on_failure=on_failure,
         retry=RetryPolicy(
             attempts=r.retry_attempts,
             base_delay_s=r.retry_base_delay_s,
@@ -194,12 +199,14 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
     jobs = JobStore(db)
     preferences = Preferences(db)
     generators = build_generators(settings) if overrides.generators is None else overrides.generators
-    router = build_router(settings, generators)
+    metrics = Metrics()
+    router = build_router(settings, generators, on_failure=metrics.provider_failed)
     codec = PillowCodec()
     screening = Screening(
         overrides.prompt_screen or build_prompt_screen(settings),
         overrides.image_screen or build_image_screen(settings),
         codec,
+        observer=metrics,
     )
     service = EaselService(
         policy=policy,
@@ -219,7 +226,9 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
             on_failure=settings.enhance.on_failure,
             max_prompt_chars=policy.max_prompt_chars,
         ),
+        observer=metrics,
     )
+    metrics.watch(service.admission.load, lambda: {p: b.state for p, b in router.breakers.items()})
     accounts = Accounts(policy, ledger, jobs, preferences, router, clock)
     return App(
         settings,
@@ -234,4 +243,5 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         accounts,
         Results(jobs, blobs, screening),
         clock,
+        metrics,
     )

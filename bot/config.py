@@ -453,6 +453,14 @@ class _FileSource(PydanticBaseSettingsSource):
         return dict(_FILE_DATA.get())
 
 
+class LoggingSettings(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # "human" lines, "json" lines (one object per event), or "auto": human on a terminal.
+    format: Annotated[Str, _one_of("auto", "human", "json", message='must be "auto", "human" or "json"')] = "auto"
+    level: Annotated[Str, _one_of("DEBUG", "INFO", "WARNING", "ERROR", message="must be DEBUG, INFO, WARNING or ERROR")] = "INFO"
+
+
 class PromptsSettings(_Section):
     """Helping prompts give good images: default negative prompts, and tips for short prompts."""
 
@@ -503,6 +511,7 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     prompts: PromptsSettings = Field(default_factory=PromptsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
     enhance: EnhanceSettings = Field(default_factory=EnhanceSettings)
 
     # Where the settings came from (None: built-in defaults) and what relative paths resolve to;

@@ -220,6 +220,12 @@ class Database:
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {i + 1}")
 
+    def check_writable(self) -> None:
+        """Take the write lock and let it go: raises when the database cannot be written now."""
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("ROLLBACK")
+
     def close(self) -> None:
         with self._lock:
             self.conn.close()

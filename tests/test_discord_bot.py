@@ -1128,3 +1128,15 @@ async def test_without_an_enhancer_the_enhance_button_is_not_offered_and_setting
     reply = await immediate_reply(fake, interaction)
     assert "not set up" in reply.content
     assert bot.app.preferences.user(str(fake.user.id)).enhance is False
+
+
+async def test_acknowledgements_are_timed_for_the_metrics(fake, make_bot, bob):
+    bot = await make_bot()
+    await imagine_result(bot, {"prompt": "a kite"})
+    _, result = await imagine_result(bot, {"prompt": "a boat"})
+    [_, source] = bot.jobs()
+    click = await fake.send_component_interaction(result.id, f"easel:reroll:{source.id}", user=bob)
+    await result_of(fake, click, bot=bot)
+    registry = bot.app.metrics.registry
+    assert registry.get_sample_value("easel_discord_ack_seconds_count") == 3
+    assert 0 <= registry.get_sample_value("easel_discord_ack_seconds_sum") < 3 * 5

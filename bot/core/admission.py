@@ -113,6 +113,10 @@ class Admission:
         self._in_flight: dict[str, dict[str, int]] = {}  # user -> request group -> jobs
         self._sinks: dict[int, EventSink] = {}  # jobs waiting for a slot, to tell their position
 
+    def load(self) -> dict[str, tuple[int, int]]:
+        """Per provider: (jobs waiting for a slot, jobs running)."""
+        return {provider: (len(q), q.running) for provider, q in self._queues.items()}
+
     @asynccontextmanager
     async def request(self, user_id: str, group: str) -> AsyncIterator[None]:
         """Count one job of a request against the user's limit while it is in flight; the jobs

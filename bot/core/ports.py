@@ -142,6 +142,31 @@ class ImageScreen(Protocol):
     def unavailable_reason(self) -> str | None: ...
 
 
+class Observer(Protocol):
+    """What operators watch (metrics): the core reports, an adapter counts."""
+
+    def job_finished(self, job: JobRecord) -> None: ...
+
+    def provider_failed(self, provider: str, kind: str) -> None:
+        """One failed call: kind is rate_limited, transient, unavailable, content_policy or error."""
+        ...
+
+    def blocked(self, stage: str, category: str) -> None:
+        """A moderation block: stage is prompt, upload, output or provider."""
+        ...
+
+
+class NoObserver:
+    def job_finished(self, job: JobRecord) -> None:
+        pass
+
+    def provider_failed(self, provider: str, kind: str) -> None:
+        pass
+
+    def blocked(self, stage: str, category: str) -> None:
+        pass
+
+
 class PromptEnhancer(Protocol):
     """Expands a short prompt (subject, style, lighting, composition) with a chat model."""
 

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .models import (
+    ContentPolicyError,
     GeneratedImage,
     GenerationRequest,
     GeneratorUnavailable,
@@ -95,8 +96,10 @@ class Router:
         breaker_cooldown_s: float = 60.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        on_failure: Callable[[str, str], None] | None = None,
     ):
         self.generators = generators
+        self._on_failure = on_failure or (lambda provider, kind: None)
         self.retry = retry
         self._sleep = sleep
         # A model's name leads to that model; an alias ("flux") may lead to several models of
@@ -225,7 +228,7 @@ class Router:
         attempt = 0
         while True:
             try:
-                return await route.generator.generate(request, progress)
+                return await self._attempt(route, request, progress)
             except TransientGeneratorError as exc:
                 attempt += 1
                 if attempt >= self.retry.attempts:
@@ -233,6 +236,16 @@ class Router:
                 delay = self._wait_before_retry(route, exc, attempt, deadline)
                 log.warning("%s failed (%s); retry %d in %.1fs", route.spec.name, exc, attempt, delay)
                 await self._sleep(delay)
+
+    async def _attempt(
+        self, route: Route, request: GenerationRequest, progress: ProgressCallback | None
+    ) -> GeneratedImage:
+        """One call of the generator; a failure is reported by kind (for metrics)."""
+        try:
+            return await route.generator.generate(request, progress)
+        except Exception as exc:
+            self._on_failure(route.generator.provider, failure_kind(exc))
+            raise
 
     def _wait_before_retry(
         self, route: Route, exc: TransientGeneratorError, attempt: int, deadline: float | None
@@ -265,3 +278,14 @@ class Router:
 def _seconds(value: float) -> str:
     """Seconds for a message: 86400, 59.7, 1.5."""
     return f"{value:.0f}" if value >= 100 else f"{round(value, 1):g}"
+
+
+def failure_kind(exc: BaseException) -> str:
+    """A generator failure as a small set of kinds (a metrics label)."""
+    if isinstance(exc, ContentPolicyError):
+        return "content_policy"
+    if isinstance(exc, TransientGeneratorError):
+        return "rate_limited" if exc.retry_after is not None or "429" in str(exc) else "transient"
+    if isinstance(exc, GeneratorUnavailable):
+        return "unavailable"
+    return "error"

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 
 from .models import ErrorCode, GeneratedImage, GenerationRequest, JobRequest, JobStatus, Kind, Refusal
-from .ports import DecodedImage, ImageCodec, ImageScreen, PromptScreen
+from .ports import DecodedImage, ImageCodec, ImageScreen, NoObserver, Observer, PromptScreen
 
 # An output whose aspect ratio is further than this from the asked one was not made as asked.
 ASPECT_TOLERANCE = 0.03
 
 
 class Screening:
-    def __init__(self, prompts: PromptScreen, images: ImageScreen, codec: ImageCodec):
+    def __init__(
+        self, prompts: PromptScreen, images: ImageScreen, codec: ImageCodec, observer: Observer | None = None
+    ):
         self.prompts, self.images, self.codec = prompts, images, codec
+        self.observer: Observer = observer or NoObserver()
 
     async def screen_request(self, request: JobRequest, gen: GenerationRequest) -> None:
         """Raise a blocking Refusal if the prompt or an uploaded image may not be used."""
@@ -22,12 +25,14 @@ class Screening:
         text = " ".join(filter(None, [gen.prompt, gen.negative_prompt]))
         verdict = self.prompts.screen_prompt(text, nsfw_channel=nsfw)
         if not verdict.allowed:
+            self.observer.blocked("prompt", verdict.rule or "unknown")
             raise Refusal(ErrorCode.BLOCKED, verdict.reason or "blocked", JobStatus.BLOCKED)
         if gen.kind in (Kind.EDIT, Kind.VARIATION) and request.image is not None:
             assert gen.source_image is not None
             image = await asyncio.to_thread(self.codec.decode, gen.source_image)
             verdict = await asyncio.to_thread(self.images.screen_image, image.image, nsfw_channel=nsfw)
             if not verdict.allowed:
+                self.observer.blocked("upload", verdict.rule or "unknown")
                 raise Refusal(ErrorCode.BLOCKED, f"the uploaded image: {verdict.reason}", JobStatus.BLOCKED)
 
     async def validate(self, result: GeneratedImage, gen: GenerationRequest) -> DecodedImage:
@@ -42,7 +47,10 @@ class Screening:
     async def output_blocked(self, checked: DecodedImage, nsfw_channel: bool) -> str | None:
         """Why the image screen blocks an output, or None when it may be shown."""
         verdict = await asyncio.to_thread(self.images.screen_image, checked.image, nsfw_channel=nsfw_channel)
-        return None if verdict.allowed else (verdict.reason or "blocked")
+        if verdict.allowed:
+            return None
+        self.observer.blocked("output", verdict.rule or "unknown")
+        return verdict.reason or "blocked"
 
     def preview_allowed(self, png: bytes, nsfw_channel: bool) -> bool:
         """For a step preview (blocking: call it in a thread). Undecodable previews are not shown."""

@@ -38,7 +38,7 @@ from .models import (
 )
 from .planning import Plan, Planner
 from .policy import Policy
-from .ports import BlobStore, DecodedImage, ImageCodec, JobStore
+from .ports import BlobStore, DecodedImage, ImageCodec, JobStore, NoObserver, Observer
 from .prompting import Normalised, normalise
 from .routing import Router
 from .screening import Screening
@@ -61,10 +61,12 @@ class EaselService:
         codec: ImageCodec,
         owner: str,
         enhancer: Enhancer | None = None,
+        observer: Observer | None = None,
     ):
         self.policy, self.planner, self.screening, self.billing = policy, planner, screening, billing
         self.admission, self.router, self.jobs, self.blobs = admission, router, jobs, blobs
         self.codec, self.owner = codec, owner
+        self.observer: Observer = observer or NoObserver()
         self.enhancer = enhancer or Enhancer(
             None, on_failure="original", max_prompt_chars=policy.max_prompt_chars
         )
@@ -169,10 +171,12 @@ class EaselService:
             self._tasks[job.id] = task
         try:
             ending = await self._steps(job, request, plan, watch, on_event, asked.enhance, done)
-            return await self.billing.finish(job, _enhanced(ending, done))
+            outcome = await self.billing.finish(job, _enhanced(ending, done))
+            self._finished(outcome)
+            return outcome
         except asyncio.CancelledError:
             ending = Ending(JobStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled", timings=watch.ms)
-            await asyncio.shield(self.billing.finish(job, ending))
+            self._finished(await asyncio.shield(self.billing.finish(job, ending)))
             raise
         finally:
             self._tasks.pop(job.id, None)
@@ -259,6 +263,7 @@ class EaselService:
                 timeout=timeout,
             )
         except ContentPolicyError as exc:
+            self.observer.blocked("provider", plan.route.spec.provider)
             raise Refusal(
                 ErrorCode.BLOCKED,
                 f"the provider refused this request on content grounds: {exc}",
@@ -270,6 +275,28 @@ class EaselService:
             ) from None
         except GeneratorError as exc:
             raise Refusal(ErrorCode.FAILED, f"{name} failed: {exc}", JobStatus.FAILED) from None
+
+    def _finished(self, outcome: JobOutcome) -> None:
+        job = outcome.job
+        if job is None:
+            return
+        self.observer.job_finished(job)
+        log.info(
+            "job %s %s",
+            job.id,
+            job.status,
+            extra={
+                "job_id": job.id,
+                "user_id": job.user_id,
+                "guild_id": job.guild_id,
+                "kind": str(job.kind),
+                "model": job.model,
+                "provider": job.provider,
+                "status": str(job.status),
+                "cost_usd": job.cost_micros / 1e6,
+                "duration_ms": round(((job.finished_at or job.created_at) - job.created_at) * 1000, 1),
+            },
+        )
 
     # ---- storage around the job ---------------------------------------------------------------
 

@@ -83,7 +83,7 @@ async def serve(settings: Settings, app: App, *, stop: asyncio.Event | None = No
     """Run the bot and the image server until `stop` is set (or SIGINT/SIGTERM)."""
     from aiohttp import web
 
-    from storage.server import make_image_app
+    from ..http import make_http_app
 
     token = settings.discord.token()
     if token is None:
@@ -101,14 +101,14 @@ async def serve(settings: Settings, app: App, *, stop: asyncio.Event | None = No
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread, or not POSIX
             pass
-    runner = web.AppRunner(make_image_app(app.blobs))
+    client = EaselClient(app, settings.discord)
+    runner = web.AppRunner(make_http_app(app, discord_ready=lambda: client.is_ready() and not client.is_closed()))
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.server.host, settings.server.port).start()
     except OSError as exc:  # the address is in use, or the host does not resolve
         await runner.cleanup()
         raise listen_error(settings, exc) from None
-    client = EaselClient(app, settings.discord)
     bot = asyncio.create_task(client.start(token))
     waiter = asyncio.create_task(stop.wait())
     try:

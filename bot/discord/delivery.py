@@ -141,8 +141,14 @@ class Delivery:
             return None
         started = time.monotonic()
         prefs = await self.app.accounts.user_settings(str(interaction.user.id))
-        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
+        await self.defer(interaction, private=prefs.private)
         return prefs, started
+
+    async def defer(self, interaction: discord.Interaction, *, private: bool) -> None:
+        """The acknowledgement ("thinking..."), timed from the interaction's creation."""
+        await interaction.response.defer(thinking=True, ephemeral=private)
+        age = (discord.utils.utcnow() - interaction.created_at).total_seconds()
+        self.app.metrics.ack.observe(max(0.0, age))
 
     def _preview_screen(self, nsfw_channel: bool) -> Callable[[bytes], Awaitable[bool]]:
         """Step previews pass the same image screen as results before anyone sees them."""

@@ -36,7 +36,7 @@ class Results(commands.Cog):
             await self._delete(interaction, job)
             return
         prefs = await self.app.accounts.user_settings(str(interaction.user.id))  # the clicker's
-        await interaction.response.defer(thinking=True, ephemeral=prefs.private)
+        await self.delivery.defer(interaction, private=prefs.private)
         run = self.action(action, job, of_interaction(interaction))
         await self.delivery.for_interaction(interaction, run, private=prefs.private, started=started)
 

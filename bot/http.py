@@ -1,0 +1,58 @@
+"""easel's HTTP server: the stored images (storage.server), /healthz (the process is up),
+/readyz (it can do its work, with a JSON body that says what is wrong) and /metrics."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiohttp import web
+
+from storage.server import make_image_app
+
+from .bootstrap import App
+from .metrics import CONTENT_TYPE
+
+
+def make_http_app(app: App, *, discord_ready: Callable[[], bool] | None = None) -> web.Application:
+    """The image server with the operator's endpoints. `discord_ready` (when running the bot)
+    says whether the bot is connected to Discord."""
+    http = make_image_app(app.blobs)
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = await asyncio.to_thread(app.metrics.exposition)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def ready(request: web.Request) -> web.Response:
+        checks = await asyncio.to_thread(readiness, app)
+        if discord_ready is not None:
+            checks["discord"] = _check(discord_ready(), "connected", "not connected to Discord")
+        ok = all(c["ok"] for c in checks.values())
+        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+
+    http.router.add_get("/metrics", metrics)
+    http.router.add_get("/readyz", ready)
+    return http
+
+
+def readiness(app: App) -> dict[str, dict[str, object]]:
+    """Each check: ok, and what it found (blocking: call it in a thread)."""
+    checks: dict[str, dict[str, object]] = {}
+    try:
+        app.db.check_writable()
+        checks["database"] = _check(True, "writable")
+    except Exception as exc:  # any failure is the answer
+        checks["database"] = _check(False, "", f"{app.db.path}: {exc}")
+    try:
+        app.blobs.check_writable()
+        checks["storage"] = _check(True, "writable")
+    except Exception as exc:
+        checks["storage"] = _check(False, "", str(exc))
+    usable = [s.name for s in app.router.healthy_models()]
+    unusable = app.router.unavailable()
+    why = "; ".join(f"{p}: {r}" for p, r in unusable.items()) or "no generator is configured"
+    checks["generators"] = _check(bool(usable), f"{len(usable)} models usable", f"no usable model ({why})")
+    return checks
+
+
+def _check(ok: bool, detail: str, problem: str = "") -> dict[str, object]:
+    return {"ok": ok, "detail": detail if ok else problem}
