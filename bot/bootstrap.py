@@ -76,6 +76,32 @@ class App:
             job_timeout_s=self.service.policy.job_timeout_s,
         )
 
+    def reload(self, new: Settings) -> list[str]:
+        """Apply what can change without a restart (budgets, limits, moderation rules, prompts);
+        returns what changed, as "section.key" (with "(needs a restart)" for the rest)."""
+        changed = _changed(self.settings.model_dump(), new.model_dump())
+        live = (
+            "budget.",
+            "queue.max_jobs_per_user",
+            "moderation.prompt_rules",
+            "prompts.",
+            "generation.max_prompt_chars",
+            "generation.default_model",
+            "generation.default_strength",
+            "generation.job_timeout_s",
+            "generation.max_upload",
+            "moderation.blocked_outputs_are_paid",
+            "logging.",
+        )
+        policy = policy_from(new)
+        service = self.service
+        service.policy = service.planner.policy = service.billing.policy = self.accounts.policy = policy
+        service.admission.max_requests_per_user = policy.max_requests_per_user
+        self.ledger.default_allowance_micros = usd_to_micros(new.budget.default_allowance_usd)
+        self.screening.prompts = build_prompt_screen(new)
+        self.settings = new
+        return [key if key.startswith(live) else f"{key} (needs a restart)" for key in changed]
+
     async def close(self) -> None:
         await self.router.close()
         enhancer = self.service.enhancer.enhancer
@@ -116,6 +142,17 @@ def build_image_screen(settings: Settings) -> ImageScreen:
     if mod.image_classifier == "none":
         return NoImageScreen()
     return NudeNetScreen(threshold=mod.nsfw_threshold, nsfw_channel_policy=mod.nsfw_channels)
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "prompt_rules":
+            keys += _changed(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def build_router(

@@ -1060,6 +1060,47 @@ async def test_easel_run_given_only_the_api_base_asks_it_for_the_gateway(fake, e
     assert (ask.method, ask.status, ask.authorized) == ("GET", 200, True)
     assert fake.identify_payload["intents"] == INTENTS
     await fake.wait_for_request(lambda r: r.method == "PUT" and r.path.endswith("/commands"), timeout=30)
+
+    # The operator's endpoints on the bot's own HTTP server.
+    import json
+    import tomllib
+    import urllib.request
+
+    port = tomllib.loads((root / "easel.toml").read_text())["server"]["port"]
+
+    def get(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    async def readiness() -> dict:
+        status, body = await asyncio.to_thread(get, "/readyz")
+        return json.loads(body) | {"status": status}
+
+    ready = await readiness()  # connected and waiting for the guilds to arrive, or ready already
+    for _ in range(50):
+        if ready["ready"]:
+            break
+        await asyncio.sleep(0.2)
+        ready = await readiness()
+    assert ready["status"] == 200 and ready["checks"]["discord"] == {"ok": True, "detail": "connected"}, ready
+    status, body = await asyncio.to_thread(get, "/metrics")
+    assert status == 200 and b"easel_discord_ack_seconds_count" in body
+
+    # SIGHUP: what can change without a restart is applied and said; a bad file changes nothing.
+    with (root / "easel.toml").open("a") as config:
+        config.write("\n[budget]\ndefault_allowance_usd = 7.5\n")
+    easel.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "settings reloaded" in easel.stderr(), timeout=10, what="a reload")
+    assert "budget.default_allowance_usd" in easel.stderr()
+    with (root / "easel.toml").open("a") as config:
+        config.write("\n[budgett]\n")
+    easel.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "settings not reloaded" in easel.stderr(), timeout=10, what="a refused reload")
+    assert "budgett" in easel.stderr() and easel.proc.returncode is None
+
     assert fake.token not in easel.stderr()
     assert await easel.stop(timeout=20) == 0, easel.stderr()
 

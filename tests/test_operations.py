@@ -158,3 +158,38 @@ def test_human_lines_put_the_fields_after_the_message(log_stream):
     setup("human", "INFO", secrets=[], stream=log_stream)
     logging.getLogger("easel.test").info("job 3 done", extra={"job_id": 3, "model": "tiny"})
     assert log_stream.getvalue().rstrip().endswith("easel.test: job 3 done job_id=3 model=tiny")
+
+
+async def test_a_reload_applies_budgets_limits_and_rules_and_names_what_needs_a_restart(tmp_path, log_stream):
+    from bot.config import load_settings
+    from bot.discord.client import reload_settings
+    from tests.helpers import write_config
+
+    setup("human", "INFO", secrets=[], stream=log_stream)
+    config = tmp_path / "easel.toml"
+    tables = {"storage": {"database": "easel.db", "images_dir": "images"},
+              "generation": {"default_model": "fake-model"}}
+    write_config(config, tables)
+    app = start_app(load_settings(str(config)), generators=[PreparedGenerator()], image_screen=NoImageScreen())
+    try:
+        assert (await app.service.submit(job_request("imagine", "u1", "a crossbow"))).ok
+        write_config(config, {**tables, "budget": {"default_allowance_usd": 0.005},
+                              "queue": {"max_jobs_per_user": 1},
+                              "moderation.prompt_rules.weapons": {"terms": ["crossbow"]},
+                              "server": {"port": 9999}})
+        changed = await reload_settings(app)
+        assert set(changed) == {"budget.default_allowance_usd", "queue.max_jobs_per_user",
+                                "moderation.prompt_rules", "server.port (needs a restart)"}
+        blocked = await app.service.submit(job_request("imagine", "u1", "a crossbow"))
+        poor = await app.service.submit(job_request("imagine", "u2", "a lighthouse"))  # a new member's allowance
+        assert blocked.error_code == "blocked" and poor.error_code == "over_budget"
+        assert app.service.admission.max_requests_per_user == 1
+
+        config.write_text("[budgett]\n")
+        assert await reload_settings(app) is None  # refused: nothing changed
+        assert app.settings.budget.default_allowance_usd == 0.005
+    finally:
+        await app.close()
+    text = log_stream.getvalue()
+    assert "settings reloaded from" in text and "server.port (needs a restart)" in text
+    assert "settings not reloaded (nothing changed)" in text and "budgett" in text

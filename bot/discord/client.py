@@ -61,6 +61,22 @@ class EaselClient(commands.Bot):
         """easel has no prefix commands (and no message content intent)."""
 
 
+async def reload_settings(app: App) -> list[str] | None:
+    """SIGHUP: read the settings again and apply what can change without a restart; a bad file
+    is reported and changes nothing."""
+    from ..config import load_settings
+
+    source = app.settings.source
+    try:
+        new = await asyncio.to_thread(load_settings, str(source) if source else None)
+    except ConfigError as exc:
+        log.error("settings not reloaded (nothing changed): %s", exc)
+        return None
+    changed = app.reload(new)
+    log.info("settings reloaded from %s: %s", source or "the environment", ", ".join(changed) or "nothing changed")
+    return changed
+
+
 def point_discord_py(api_base: str | None, gateway_url: str | None) -> None:
     """Send discord.py's REST calls and gateway connection to Discord-compatible addresses."""
     if api_base:
@@ -101,6 +117,10 @@ async def serve(settings: Settings, app: App, *, stop: asyncio.Event | None = No
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread, or not POSIX
             pass
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_settings(app)))
+    except (NotImplementedError, RuntimeError, AttributeError):
+        pass
     client = EaselClient(app, settings.discord)
     runner = web.AppRunner(make_http_app(app, discord_ready=lambda: client.is_ready() and not client.is_closed()))
     await runner.setup()
