@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -17,16 +17,13 @@ from .access import find
 from .admission import Admission
 from .billing import Billing, Ending
 from .enhancing import NOT_SET_UP, Enhancement, Enhancer
+from .generating import generate
 from .models import (
     MAX_SEED,
     BudgetRefusal,
-    ContentPolicyError,
     ErrorCode,
     EventSink,
-    EventState,
     GeneratedImage,
-    GeneratorError,
-    JobEvent,
     JobOutcome,
     JobRecord,
     JobRequest,
@@ -34,12 +31,12 @@ from .models import (
     Kind,
     Refusal,
     Requester,
-    StoredBlob,
 )
 from .planning import Plan, Planner
 from .policy import Policy
-from .ports import BlobStore, DecodedImage, ImageCodec, JobStore, NoObserver, Observer
+from .ports import BlobStore, ImageCodec, JobStore, NoObserver, Observer
 from .prompting import Normalised, normalise
+from .records import Records
 from .routing import Router
 from .screening import Screening
 
@@ -67,6 +64,7 @@ class EaselService:
         self.admission, self.router, self.jobs, self.blobs = admission, router, jobs, blobs
         self.codec, self.owner = codec, owner
         self.observer: Observer = observer or NoObserver()
+        self.records = Records(jobs, blobs, codec, owner, self.observer)
         self.enhancer = enhancer or Enhancer(
             None, on_failure="original", max_prompt_chars=policy.max_prompt_chars
         )
@@ -114,11 +112,7 @@ class EaselService:
         self, job_id: int, requester: Requester, on_event: EventSink | None = None
     ) -> JobOutcome:
         """The job's request again with a new seed, charged to `requester`."""
-        try:
-            job = await asyncio.to_thread(find, self.jobs, job_id, requester)
-        except Refusal as exc:
-            return _refused(exc)
-        return await self.submit(await asyncio.to_thread(self._reroll_request, job, requester), on_event)
+        return await self._again(job_id, requester, self.records.reroll_request, on_event)
 
     async def vary(self, job_id: int, requester: Requester, on_event: EventSink | None = None) -> JobOutcome:
         """A variation of an earlier result, with its model (a result's Vary button)."""
@@ -135,12 +129,20 @@ class EaselService:
         self, job_id: int, requester: Requester, on_event: EventSink | None = None
     ) -> JobOutcome:
         """The job's prompt as typed, enhanced, with its seed and size (a result's Enhance button)."""
+        return await self._again(job_id, requester, self.records.enhance_request, on_event)
+
+    async def _again(
+        self,
+        job_id: int,
+        requester: Requester,
+        make: Callable[[JobRecord, Requester], JobRequest],
+        on_event: EventSink | None,
+    ) -> JobOutcome:
         try:
             job = await asyncio.to_thread(find, self.jobs, job_id, requester)
         except Refusal as exc:
             return _refused(exc)
-        params = job.params.but(prompt=job.original_prompt or job.prompt)
-        return await self.submit(JobRequest(Kind.IMAGINE, requester, params, enhance=True), on_event)
+        return await self.submit(await asyncio.to_thread(make, job, requester), on_event)
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job; True if it was in flight here."""
@@ -164,7 +166,7 @@ class EaselService:
                 raise Refusal(ErrorCode.USAGE, NOT_SET_UP)
         except Refusal as exc:
             return _refused(exc)
-        job = await asyncio.to_thread(self._create, request, plan)
+        job = await asyncio.to_thread(self.records.create, request, plan)
         done: list[Enhancement] = []  # the enhancement, once made
         task = asyncio.current_task()
         if task is not None:
@@ -172,11 +174,11 @@ class EaselService:
         try:
             ending = await self._steps(job, request, plan, watch, on_event, asked.enhance, done)
             outcome = await self.billing.finish(job, _enhanced(ending, done))
-            self._finished(outcome)
+            self.records.finished(outcome)
             return outcome
         except asyncio.CancelledError:
             ending = Ending(JobStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled", timings=watch.ms)
-            self._finished(await asyncio.shield(self.billing.finish(job, ending)))
+            self.records.finished(await asyncio.shield(self.billing.finish(job, ending)))
             raise
         finally:
             self._tasks.pop(job.id, None)
@@ -195,7 +197,7 @@ class EaselService:
         try:
             with watch("screen_prompt"):
                 await self.screening.screen_request(request, plan.request)
-            await self._keep_uploads(job, request, plan)  # only screened uploads are kept
+            await self.records.keep_uploads(job, request, plan)  # only screened uploads are kept
             group = request.group or f"job:{job.id}"
             async with self.admission.request(job.user_id, group):
                 with watch("reserve"):
@@ -204,33 +206,22 @@ class EaselService:
                         job, plan, self.billing.estimate_micros(plan) + allowance, group
                     )
                 if enhance:
-                    with watch("enhance"):
-                        done.append(await self.enhancer.apply(plan))
-                    plan = done[0].plan
-                    with watch("screen_enhanced"):  # the enhancer cannot smuggle content past the screen
-                        await self.screening.screen_request(request, plan.request)
+                    plan = await self._enhance(request, plan, watch, done)
                 queued = time.perf_counter()
                 # The slot limits calls to the generator, not the work on their results.
                 async with self.admission.slot(plan.route.spec.provider, job.id, job.user_id, on_event):
                     watch.since("queue", queued)
                     with watch("generate"):
-                        result = await self._generate(job, plan, on_event)
-            with watch("validate"):
-                checked = await self.screening.validate(result, plan.request)
-            with watch("screen_image"):
-                blocked = await self.screening.output_blocked(checked, nsfw)
-            if blocked:  # never stored or shown
-                return Ending(
-                    JobStatus.BLOCKED,
-                    ErrorCode.BLOCKED,
-                    f"the result was blocked: {blocked}",
-                    charge=self.policy.blocked_outputs_are_paid,
-                    result=result,
-                    timings=watch.ms,
-                )
-            with watch("store"):
-                stored = await self._store(result, checked)
-            return Ending(JobStatus.DONE, charge=True, result=result, stored=stored, timings=watch.ms)
+                        result = await generate(
+                            self.router,
+                            self.jobs,
+                            self.observer,
+                            job,
+                            plan,
+                            self.policy.job_timeout_s,
+                            on_event,
+                        )
+            return await self._check_and_store(result, plan, nsfw, watch)
         except BudgetRefusal as exc:
             return Ending(JobStatus.REFUSED, exc.code, str(exc), timings=watch.ms)
         except Refusal as exc:
@@ -244,103 +235,35 @@ class EaselService:
                 timings=watch.ms,
             )
 
-    async def _generate(self, job: JobRecord, plan: Plan, on_event: EventSink | None) -> GeneratedImage:
-        await asyncio.to_thread(self.jobs.update, job.id, status=JobStatus.RUNNING, started_at=time.time())
-        loop = asyncio.get_running_loop()
-        if on_event is not None:
-            on_event(JobEvent(job.id, EventState.RUNNING))
-
-        def progress(fraction: float, preview: bytes | None = None) -> None:
-            if on_event is not None:  # generators call this from their worker threads
-                event = JobEvent(job.id, EventState.PROGRESS, fraction=fraction, preview=preview)
-                loop.call_soon_threadsafe(on_event, event)
-
-        name, timeout = plan.route.spec.name, self.policy.job_timeout_s
-        try:
-            deadline = loop.time() + timeout
-            return await asyncio.wait_for(
-                self.router.generate(plan.route, plan.request, progress, deadline=deadline),
-                timeout=timeout,
-            )
-        except ContentPolicyError as exc:
-            self.observer.blocked("provider", plan.route.spec.provider)
-            raise Refusal(
-                ErrorCode.BLOCKED,
-                f"the provider refused this request on content grounds: {exc}",
+    async def _check_and_store(
+        self, result: GeneratedImage, plan: Plan, nsfw: bool, watch: _Stopwatch
+    ) -> Ending:
+        """Validate and screen the output; store it unless it is blocked (never stored or shown)."""
+        with watch("validate"):
+            checked = await self.screening.validate(result, plan.request)
+        with watch("screen_image"):
+            blocked = await self.screening.output_blocked(checked, nsfw)
+        if blocked:
+            return Ending(
                 JobStatus.BLOCKED,
-            ) from None
-        except TimeoutError:
-            raise Refusal(
-                ErrorCode.FAILED, f"{name} took longer than {timeout:g}s", JobStatus.FAILED
-            ) from None
-        except GeneratorError as exc:
-            raise Refusal(ErrorCode.FAILED, f"{name} failed: {exc}", JobStatus.FAILED) from None
+                ErrorCode.BLOCKED,
+                f"the result was blocked: {blocked}",
+                charge=self.policy.blocked_outputs_are_paid,
+                result=result,
+                timings=watch.ms,
+            )
+        with watch("store"):
+            stored = await self.records.store(result, checked)
+        return Ending(JobStatus.DONE, charge=True, result=result, stored=stored, timings=watch.ms)
 
-    def _finished(self, outcome: JobOutcome) -> None:
-        job = outcome.job
-        if job is None:
-            return
-        self.observer.job_finished(job)
-        log.info(
-            "job %s %s",
-            job.id,
-            job.status,
-            extra={
-                "job_id": job.id,
-                "user_id": job.user_id,
-                "guild_id": job.guild_id,
-                "kind": str(job.kind),
-                "model": job.model,
-                "provider": job.provider,
-                "status": str(job.status),
-                "cost_usd": job.cost_micros / 1e6,
-                "duration_ms": round(((job.finished_at or job.created_at) - job.created_at) * 1000, 1),
-            },
-        )
-
-    # ---- storage around the job ---------------------------------------------------------------
-
-    def _create(self, request: JobRequest, plan: Plan) -> JobRecord:
-        who = request.requester
-        return self.jobs.create(
-            kind=plan.request.kind,
-            status=JobStatus.QUEUED,
-            user_id=who.user_id,
-            guild_id=who.guild_id,
-            channel_id=who.channel_id,
-            nsfw_channel=who.nsfw_channel,
-            params=plan.request.params,
-            provider=plan.route.spec.provider,
-            source_job_id=plan.source.id if plan.source else None,
-            owner=self.owner,
-        )
-
-    async def _keep_uploads(self, job: JobRecord, request: JobRequest, plan: Plan) -> None:
-        """Store uploaded inputs next to the results, so that the job can be made again."""
-        kept = {}
-        if request.image is not None and plan.request.source_image is not None:
-            kept["source_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.source_image)).key
-        if plan.request.mask_image is not None:
-            kept["mask_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.mask_image)).key
-        if kept:
-            await asyncio.to_thread(self.jobs.update, job.id, **kept)
-
-    async def _store(self, result: GeneratedImage, checked: DecodedImage) -> StoredBlob:
-        data = result.data if result.format == "png" else await asyncio.to_thread(self.codec.to_png, checked)
-        return await asyncio.to_thread(self.blobs.put, data)
-
-    def _reroll_request(self, job: JobRecord, requester: Requester) -> JobRequest:
-        params = job.params.but(seed=None)
-        source = self.blobs.get(job.source_sha256) if job.source_sha256 else None
-        mask = self.blobs.get(job.mask_sha256) if job.mask_sha256 else None
-        if job.kind == Kind.IMAGINE:
-            return JobRequest(Kind.IMAGINE, requester, params)
-        if job.kind == Kind.EDIT:
-            return JobRequest(Kind.EDIT, requester, params.but(size=None), image=source, mask=mask)
-        # A variation or upscale starts again from the same job or upload.
-        return JobRequest(
-            job.kind, requester, params.but(size=None), source_job_id=job.source_job_id, image=source
-        )
+    async def _enhance(
+        self, request: JobRequest, plan: Plan, watch: _Stopwatch, done: list[Enhancement]
+    ) -> Plan:
+        with watch("enhance"):
+            done.append(await self.enhancer.apply(plan))
+        with watch("screen_enhanced"):  # the enhancer cannot smuggle content past the screen
+            await self.screening.screen_request(request, done[0].plan.request)
+        return done[0].plan
 
 
 def _enhanced(ending: Ending, done: list[Enhancement]) -> Ending:

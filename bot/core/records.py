@@ -1,0 +1,99 @@
+"""The job's records around the service's steps: creating the job, keeping its uploads,
+storing its result, the requests made again from a job (reroll, enhance), and the log line and
+metrics when it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .models import (
+    GeneratedImage,
+    JobOutcome,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    Kind,
+    Requester,
+    StoredBlob,
+)
+from .planning import Plan
+from .ports import BlobStore, DecodedImage, ImageCodec, JobStore, Observer
+
+log = logging.getLogger("bot.core.service")
+
+
+class Records:
+    def __init__(self, jobs: JobStore, blobs: BlobStore, codec: ImageCodec, owner: str, observer: Observer):
+        self.jobs, self.blobs, self.codec, self.owner, self.observer = jobs, blobs, codec, owner, observer
+
+    def create(self, request: JobRequest, plan: Plan) -> JobRecord:
+        who = request.requester
+        return self.jobs.create(
+            kind=plan.request.kind,
+            status=JobStatus.QUEUED,
+            user_id=who.user_id,
+            guild_id=who.guild_id,
+            channel_id=who.channel_id,
+            nsfw_channel=who.nsfw_channel,
+            params=plan.request.params,
+            provider=plan.route.spec.provider,
+            source_job_id=plan.source.id if plan.source else None,
+            owner=self.owner,
+        )
+
+    async def keep_uploads(self, job: JobRecord, request: JobRequest, plan: Plan) -> None:
+        """Store uploaded inputs next to the results, so that the job can be made again."""
+        kept = {}
+        if request.image is not None and plan.request.source_image is not None:
+            kept["source_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.source_image)).key
+        if plan.request.mask_image is not None:
+            kept["mask_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.mask_image)).key
+        if kept:
+            await asyncio.to_thread(self.jobs.update, job.id, **kept)
+
+    async def store(self, result: GeneratedImage, checked: DecodedImage) -> StoredBlob:
+        data = result.data if result.format == "png" else await asyncio.to_thread(self.codec.to_png, checked)
+        return await asyncio.to_thread(self.blobs.put, data)
+
+    def reroll_request(self, job: JobRecord, requester: Requester) -> JobRequest:
+        """The job's request again, without its seed (a new one is chosen)."""
+        params = job.params.but(seed=None)
+        source = self.blobs.get(job.source_sha256) if job.source_sha256 else None
+        mask = self.blobs.get(job.mask_sha256) if job.mask_sha256 else None
+        if job.kind == Kind.IMAGINE:
+            return JobRequest(Kind.IMAGINE, requester, params)
+        if job.kind == Kind.EDIT:
+            return JobRequest(Kind.EDIT, requester, params.but(size=None), image=source, mask=mask)
+        # A variation or upscale starts again from the same job or upload.
+        return JobRequest(
+            job.kind, requester, params.but(size=None), source_job_id=job.source_job_id, image=source
+        )
+
+    def enhance_request(self, job: JobRecord, requester: Requester) -> JobRequest:
+        """The job's prompt as typed, to be enhanced, with its seed and size."""
+        params = job.params.but(prompt=job.original_prompt or job.prompt)
+        return JobRequest(Kind.IMAGINE, requester, params, enhance=True)
+
+    def finished(self, outcome: JobOutcome) -> None:
+        """One log line with the job's fields, and the metrics."""
+        job = outcome.job
+        if job is None:
+            return
+        self.observer.job_finished(job)
+        log.info(
+            "job %s %s",
+            job.id,
+            job.status,
+            extra={
+                "job_id": job.id,
+                "user_id": job.user_id,
+                "guild_id": job.guild_id,
+                "kind": str(job.kind),
+                "model": job.model,
+                "provider": job.provider,
+                "status": str(job.status),
+                "cost_usd": job.cost_micros / 1e6,
+                "duration_ms": round(((job.finished_at or job.created_at) - job.created_at) * 1000, 1),
+            },
+        )
