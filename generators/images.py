@@ -112,3 +112,28 @@ class PillowCodec:
     def to_png(self, decoded: CheckedImage, mode: str | None = None) -> bytes:
         image = decoded.image if mode is None else decoded.image.convert(mode)
         return encode_png(image)
+
+    def extend(self, png: bytes, direction: str) -> tuple[bytes, bytes]:
+        source = Image.open(io.BytesIO(png)).convert("RGB")
+        w, h = source.size
+        grow = {"zoom": (w, h), "left": (w // 2, 0), "right": (w // 2, 0), "up": (0, h // 2),
+                "down": (0, h // 2)}[direction]
+        cw, ch = w + grow[0], h + grow[1]
+        at = {"zoom": ((cw - w) // 2, (ch - h) // 2), "left": (cw - w, 0), "right": (0, 0),
+              "up": (0, ch - h), "down": (0, 0)}[direction]
+        # The new area starts as the image's mean colour: a neutral start for the model.
+        mean = tuple(int(v) for v in ImageStat.Stat(source).mean)
+        canvas = Image.new("RGB", (cw, ch), mean)
+        canvas.paste(source, at)
+        mask = Image.new("L", (cw, ch), 255)
+        mask.paste(0, (at[0], at[1], at[0] + w, at[1] + h))
+        return encode_png(canvas), encode_png(mask)
+
+    def composite(self, result: bytes, canvas: bytes, mask: bytes) -> bytes:
+        base = Image.open(io.BytesIO(canvas)).convert("RGB")
+        drawn = Image.open(io.BytesIO(result)).convert("RGB")
+        if drawn.size != base.size:
+            drawn = drawn.resize(base.size, Image.LANCZOS)
+        keep = Image.open(io.BytesIO(mask)).convert("L").point(lambda v: 255 if v < 128 else 0)
+        drawn.paste(base, (0, 0), keep)  # the original pixels, exactly
+        return encode_png(drawn)

@@ -131,6 +131,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE guild_settings ADD COLUMN tips INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE jobs ADD COLUMN original_prompt TEXT;
     """,
+    # 6: outpainting (zoom out, pan): the edit of an earlier image on a larger canvas.
+    """
+    ALTER TABLE jobs ADD COLUMN outpaint TEXT;
+    """,
 ]
 
 class Database:

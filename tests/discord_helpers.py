@@ -24,7 +24,7 @@ from tests.helpers import start_app
 
 T = TypeVar("T")
 RESULT_REACTIONS = {"\U0001f501", "\U0001f3b2", "\u2b06\ufe0f", "\U0001f5d1\ufe0f"}
-ACTIONS = ("variation", "reroll", "upscale", "delete")
+ACTIONS = ("variation", "reroll", "upscale", "delete", "zoom", "left", "right", "up", "down")  # two rows
 PRICE_MICROS = 10_000  # PreparedGenerator's default price, $0.01
 ALLOWANCE_MICROS = 1_000_000  # easel's default allowance, $1
 

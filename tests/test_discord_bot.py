@@ -1181,3 +1181,18 @@ async def test_acknowledgements_are_timed_for_the_metrics(fake, make_bot, bob):
     registry = bot.app.metrics.registry
     assert registry.get_sample_value("easel_discord_ack_seconds_count") == 3
     assert 0 <= registry.get_sample_value("easel_discord_ack_seconds_sum") < 3 * 5
+
+
+async def test_the_zoom_out_button_outpaints_around_the_original(fake, make_bot, bob):
+    bot = await make_bot()
+    _, result = await imagine_result(bot, {"prompt": "a glass city"})
+    [source] = bot.jobs()
+    assert f"easel:zoom:{source.id}" in button_ids(result) and f"easel:left:{source.id}" in button_ids(result)
+    click = await fake.send_component_interaction(result.id, f"easel:zoom:{source.id}", user=bob)
+    message = await result_of(fake, click, bot=bot)
+    job = bot.jobs()[-1]
+    assert (job.kind, job.outpaint, job.source_job_id, job.user_id) == ("edit", "zoom", source.id, str(bob.id))
+    assert embed_fields(message)["Size"] == "1024\u00d71024"
+    zoomed = decoded(bot.app.blobs.get(job.sha256)).convert("RGB")
+    original = decoded(bot.app.blobs.get(source.sha256)).convert("RGB")
+    assert zoomed.crop((256, 256, 768, 768)).tobytes() == original.tobytes()  # the original, exactly

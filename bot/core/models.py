@@ -472,6 +472,9 @@ class JobRequest:
     # the options nor the prompt's flags give.
     defaults: UserSettings | None = None
     enhance: bool | None = None  # expand the prompt with a chat model first (None: as the flags say)
+    # Outpainting an earlier result (an edit of its extended canvas): "zoom" (out, 2x), or a pan
+    # "left", "right", "up", "down" (the canvas grows by half the image that way).
+    outpaint: str | None = None
 
     @property
     def user_id(self) -> str:
@@ -504,6 +507,7 @@ class JobRecord:
     message_id: str | None = None
     public: bool = False  # posted where the channel sees it (see core.access)
     original_prompt: str | None = None  # the prompt as typed, when it was enhanced
+    outpaint: str | None = None  # zoom, left, right, up or down: an outpainting of source_job_id
     owner: str | None = None  # the process running the job (see core.recovery)
     source_sha256: str | None = None  # an uploaded input image, kept in the blob store
     mask_sha256: str | None = None

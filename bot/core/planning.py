@@ -35,11 +35,15 @@ from .routing import Route, Router, UnknownModel
 ASPECT_TOLERANCE = 0.15
 
 
+OUTPAINTS = ("zoom", "left", "right", "up", "down")
+
+
 @dataclass(frozen=True)
 class Plan:
     route: Route
     request: GenerationRequest
     source: JobRecord | None  # the earlier job it starts from
+    outpaint: str | None = None  # an outpainting: the source's pixels are put back after
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,13 @@ class Planner:
             assert refusal is not None
             raise refusal
         route, gen = self.router.cheapest(options)
-        return Plan(route, gen, inputs.source)
+        return Plan(route, gen, inputs.source, request.outpaint)
 
     # ---- inputs -----------------------------------------------------------------------------
 
     async def _inputs(self, request: JobRequest, params: GenerationParams) -> _Inputs:
+        if request.outpaint is not None:
+            return await self._outpaint_inputs(request, params)
         source: JobRecord | None = None
         image = mask = None
         if request.kind in (Kind.VARIATION, Kind.UPSCALE) and request.image is None:
@@ -147,6 +153,34 @@ class Planner:
                     f"the mask is {m[0]}x{m[1]} but the image is {i[0]}x{i[1]}; they must match",
                 )
         return _Inputs(source, image, mask, params)
+
+    async def _outpaint_inputs(self, request: JobRequest, params: GenerationParams) -> _Inputs:
+        """Zoom out or pan: an edit of the source image on a larger canvas, the new area masked."""
+        if request.outpaint not in OUTPAINTS:
+            raise Refusal(
+                ErrorCode.USAGE, f"outpainting is one of {', '.join(OUTPAINTS)}, not {request.outpaint!r}"
+            )
+        if request.kind != Kind.EDIT or request.mask is not None:
+            raise Refusal(ErrorCode.USAGE, "outpainting is an edit of an earlier image, without a mask")
+        if request.image is not None:
+            source, image = None, await self._checked_upload(request.image, "image")
+        else:
+            source = await asyncio.to_thread(self._source_job, request)
+            assert source.sha256 is not None
+            image = await asyncio.to_thread(self.blobs.get, source.sha256)
+        canvas, mask = await asyncio.to_thread(self.codec.extend, image, request.outpaint)
+        w, h = await self._dimensions(canvas)
+        if w * h > self.policy.max_upload_pixels:
+            raise Refusal(ErrorCode.USAGE, f"the outpainted image would be {w}x{h}, over easel's pixel limit")
+        params = params.but(
+            prompt=params.prompt or (source.prompt if source else ""),
+            negative_prompt=params.negative_prompt
+            if params.negative_prompt is not None
+            else (source.negative_prompt if source else None),
+        )
+        if not visible(params.prompt):
+            raise Refusal(ErrorCode.USAGE, "outpainting an upload needs a prompt")
+        return _Inputs(source, canvas, mask, params)
 
     def _source_job(self, request: JobRequest) -> JobRecord:
         if request.source_job_id is not None:

@@ -131,6 +131,16 @@ class ImageCodec(Protocol):
         """PNG bytes of the image, converted to `mode` ("RGB", "L") when given."""
         ...
 
+    def extend(self, png: bytes, direction: str) -> tuple[bytes, bytes]:
+        """Outpainting: the image on a larger canvas (zoom: 2x around it; left, right, up, down:
+        half again that way) and the mask of the new area (white), both PNG."""
+        ...
+
+    def composite(self, result: bytes, canvas: bytes, mask: bytes) -> bytes:
+        """The result at the canvas's size with the canvas's own pixels put back exactly where
+        the mask is black (PNG)."""
+        ...
+
 
 class PromptScreen(Protocol):
     def screen_prompt(self, text: str, *, nsfw_channel: bool = False) -> Verdict: ...

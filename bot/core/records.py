@@ -40,12 +40,13 @@ class Records:
             provider=plan.route.spec.provider,
             source_job_id=plan.source.id if plan.source else None,
             owner=self.owner,
+            outpaint=plan.outpaint,
         )
 
     async def keep_uploads(self, job: JobRecord, request: JobRequest, plan: Plan) -> None:
         """Store uploaded inputs next to the results, so that the job can be made again."""
         kept = {}
-        if request.image is not None and plan.request.source_image is not None:
+        if (request.image is not None or plan.outpaint) and plan.request.source_image is not None:
             kept["source_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.source_image)).key
         if plan.request.mask_image is not None:
             kept["mask_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.mask_image)).key
@@ -63,6 +64,14 @@ class Records:
         mask = self.blobs.get(job.mask_sha256) if job.mask_sha256 else None
         if job.kind == Kind.IMAGINE:
             return JobRequest(Kind.IMAGINE, requester, params)
+        if job.outpaint and job.source_job_id is not None:  # the same source, extended again
+            return JobRequest(
+                Kind.EDIT,
+                requester,
+                params.but(size=None),
+                source_job_id=job.source_job_id,
+                outpaint=job.outpaint,
+            )
         if job.kind == Kind.EDIT:
             return JobRequest(Kind.EDIT, requester, params.but(size=None), image=source, mask=mask)
         # A variation or upscale starts again from the same job or upload.

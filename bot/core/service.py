@@ -125,6 +125,14 @@ class EaselService:
         """An earlier result, enlarged (a result's Upscale button)."""
         return await self.submit(JobRequest(Kind.UPSCALE, requester, source_job_id=job_id), on_event)
 
+    async def outpaint(
+        self, job_id: int | None, requester: Requester, direction: str, on_event: EventSink | None = None
+    ) -> JobOutcome:
+        """Zoom out (2x) or pan (left, right, up, down) an earlier result: its pixels kept exactly,
+        the new area drawn by a model that can edit (None: the requester's last result)."""
+        request = JobRequest(Kind.EDIT, requester, source_job_id=job_id, outpaint=direction)
+        return await self.submit(request, on_event)
+
     async def enhance_again(
         self, job_id: int, requester: Requester, on_event: EventSink | None = None
     ) -> JobOutcome:
@@ -239,6 +247,9 @@ class EaselService:
         self, result: GeneratedImage, plan: Plan, nsfw: bool, watch: _Stopwatch
     ) -> Ending:
         """Validate and screen the output; store it unless it is blocked (never stored or shown)."""
+        if plan.outpaint:
+            with watch("composite"):
+                result = await asyncio.to_thread(self._composite, result, plan)
         with watch("validate"):
             checked = await self.screening.validate(result, plan.request)
         with watch("screen_image"):
@@ -255,6 +266,14 @@ class EaselService:
         with watch("store"):
             stored = await self.records.store(result, checked)
         return Ending(JobStatus.DONE, charge=True, result=result, stored=stored, timings=watch.ms)
+
+    def _composite(self, result: GeneratedImage, plan: Plan) -> GeneratedImage:
+        """An outpainting keeps the source's pixels exactly: the model draws only the new area."""
+        canvas, mask = plan.request.source_image, plan.request.mask_image
+        assert canvas is not None and mask is not None
+        data = self.codec.composite(result.data, canvas, mask)
+        decoded = self.codec.decode(canvas)
+        return replace(result, data=data, width=decoded.width, height=decoded.height, format="png")
 
     async def _enhance(
         self, request: JobRequest, plan: Plan, watch: _Stopwatch, done: list[Enhancement]

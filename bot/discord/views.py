@@ -10,9 +10,11 @@ from .errors import on_command_error
 
 REACTIONS = {"\U0001f501": "variation", "\U0001f3b2": "reroll", "\u2b06\ufe0f": "upscale",
              "\U0001f5d1\ufe0f": "delete"}
-BUTTON_EMOJI = {**{a: e for e, a in REACTIONS.items()}, "enhance": "\U0001fa84"}  # a button only
+OUTPAINTS = {"zoom": "\U0001f50d", "left": "\u2b05\ufe0f", "right": "\u27a1\ufe0f", "up": "\u2b06\ufe0f",
+             "down": "\u2b07\ufe0f"}
+BUTTON_EMOJI = {**{a: e for e, a in REACTIONS.items()}, "enhance": "\U0001fa84", **OUTPAINTS}  # buttons only
 ACTION_LABELS = {"variation": "Vary", "reroll": "Reroll", "upscale": "Upscale", "enhance": "Enhance",
-                 "delete": "Delete"}
+                 "delete": "Delete", "zoom": "Zoom out", "left": "Pan", "right": "Pan", "up": "Pan", "down": "Pan"}
 TITLES = {Kind.IMAGINE: "Imagined", Kind.VARIATION: "Variation", Kind.EDIT: "Edit", Kind.UPSCALE: "Upscaled"}
 
 
@@ -26,7 +28,8 @@ def action_for_emoji(name: str) -> str | None:
 
 
 class ResultButton(discord.ui.DynamicItem[discord.ui.Button],
-                   template=r"easel:(?P<action>variation|reroll|upscale|enhance|delete):(?P<job>\d+)"):
+                   template=r"easel:(?P<action>variation|reroll|upscale|enhance|delete|zoom|left|right|up|down):"
+                            r"(?P<job>\d+)"):
     """A button under a result. Its custom id names the action and the job, so it keeps working
     after a restart (registered with Client.add_dynamic_items)."""
 
@@ -57,6 +60,9 @@ def result_view(job: JobRecord, *, can_enhance: bool = False) -> discord.ui.View
         if action == "enhance" and not (can_enhance and job.kind == Kind.IMAGINE and job.original_prompt is None):
             continue
         view.add_item(ResultButton(action, job.id))
+    if job.kind != Kind.UPSCALE:  # a second row: zoom out and pan (outpainting)
+        for action in OUTPAINTS:
+            view.add_item(ResultButton(action, job.id))
     return view
 
 

@@ -11,7 +11,7 @@ from ...core.models import JobRecord, Requester
 from ..context import is_admin, of_interaction, requester
 from ..delivery import Delivery, Run
 from ..errors import Refused
-from ..views import action_for_emoji
+from ..views import OUTPAINTS, action_for_emoji
 
 
 class Results(commands.Cog):
@@ -21,6 +21,8 @@ class Results(commands.Cog):
 
     def action(self, action: str, job: JobRecord, who: Requester) -> Run:
         """The service call a click or a reaction makes, charged to whoever clicked."""
+        if action in OUTPAINTS:
+            return lambda on_event: _one(self.app.service.outpaint(job.id, who, action, on_event))
         call = {"reroll": self.app.service.reroll, "variation": self.app.service.vary,
                 "upscale": self.app.service.upscale, "enhance": self.app.service.enhance_again}[action]
         return lambda on_event: _one(call(job.id, who, on_event))
