@@ -69,6 +69,31 @@ def _printable(text: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
+# Terminal output (rich tables, ✓/✗ marks, a live progress bar) goes only to a stream that is a
+# terminal; piped output stays plain text that scripts and tests parse. EASEL_FORCE_TERMINAL=1
+# treats every stream as a terminal (tests use it to check the rich output; a recording tool may
+# too), EASEL_FORCE_TERMINAL=0 treats none as one. rich is imported only when it is used, so
+# `easel --help` stays quick.
+FORCE_TERMINAL_ENV = "EASEL_FORCE_TERMINAL"
+
+
+def _is_terminal(stream) -> bool:
+    forced = os.environ.get(FORCE_TERMINAL_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _console(stream):
+    """A rich console on `stream`, which _is_terminal said is a terminal."""
+    from rich.console import Console
+
+    return Console(file=stream, force_terminal=True, highlight=False, emoji=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="easel", description="Self-hosted AI image generation: command line and Discord bot."
@@ -119,13 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_limit, default=20, help="how many (1-1000)")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("budget", help="show, set or grant a user's budget")
-    p.add_argument("action", choices=["show", "set", "grant"])
-    p.add_argument("user", type=_user)
+    p = sub.add_parser("budget", help="show, set or grant a user's budget; report spending")
+    p.add_argument("action", choices=["show", "set", "grant", "report"])
+    p.add_argument("user", type=_user, nargs="?", help="the user (show, set, grant; not report)")
     p.add_argument("amount", type=_usd, nargs="?", help="USD (set, grant)")
+    p.add_argument("--period", choices=["day", "week", "month"],
+                   help="report: the period spending is counted over (default: budget.period)")
+    p.add_argument("--json", action="store_true", help="report: print one JSON object")
 
     sub.add_parser("models", help="list the models that can be used, and why others cannot")
     sub.add_parser("check", help="validate the settings and report which generators are usable")
+    sub.add_parser("doctor", help="check the whole set-up (storage, generators, Discord, the "
+                                  "image server's URL) and say what to fix")
     sub.add_parser("serve", help="serve stored images over HTTP")
     sub.add_parser("run", help="run the Discord bot (token from $DISCORD_TOKEN) and the image server")
     return parser
@@ -142,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "imagine": _job_command, "variation": _job_command, "edit": _job_command,
         "upscale": _job_command, "jobs": _jobs, "budget": _budget, "models": _models,
-        "check": _check, "serve": _serve, "run": _run_bot,
+        "check": _check, "doctor": _doctor, "serve": _serve, "run": _run_bot,
     }[args.command]
     try:
         return handler(settings, args)
@@ -242,7 +272,7 @@ def _job_command(settings, args) -> int:
 
 async def _run_job(settings, request, *, as_json: bool) -> int:
     app = _app(settings)
-    bar = None if as_json else ProgressBar(sys.stderr)
+    bar = None if as_json else ProgressBar(sys.stderr, loads_model=_loads_model(app, request))
     try:
         outcome = await app.service.submit(request, on_event=bar.update if bar else None)
     finally:
@@ -281,14 +311,31 @@ def exit_status(outcome) -> int:
 
 
 class ProgressBar:
-    """One line on the terminal: the queue position, then the share of steps done."""
+    """The job's progress on `stream` (stderr). On a terminal: a rich progress bar whose
+    description says "starting" until the first event, then the queue position, then (a local
+    model takes seconds to load) "loading model…" until the first step, then the share of steps
+    done; it is erased when the job ends. Elsewhere: one plain line per state, and 100%."""
 
-    def __init__(self, stream, width: int = 30):
+    def __init__(self, stream, width: int = 30, *, loads_model: bool = True):
         self.stream, self.width = stream, width
-        self.live = stream.isatty()
+        self.live = _is_terminal(stream)
+        self.loads_model = loads_model
         self._last = ""
+        self._progress = None
+        if self.live:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn
+
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=width),
+                TaskProgressColumn(), console=_console(stream), transient=True,
+            )
+            self._task = self._progress.add_task("starting", total=None)
+            self._progress.start()
 
     def update(self, event) -> None:
+        if self._progress is not None:
+            self._update_live(event)
+            return
         if event.state == "queued":
             text = f"queued, position {event.position}"
         elif event.state == "running":
@@ -299,16 +346,40 @@ class ProgressBar:
         if text == self._last:
             return
         self._last = text
-        if self.live:
-            self.stream.write("\r\033[K" + text)
-        elif event.state != "progress" or event.fraction == 1.0:
+        if event.state != "progress" or event.fraction == 1.0:
             self.stream.write(text + "\n")
-        self.stream.flush()
+            self.stream.flush()
+
+    def _update_live(self, event) -> None:
+        assert self._progress is not None
+        if event.state == "queued":
+            text, fraction = f"queued, position {event.position}", None
+        elif event.state == "running":
+            text, fraction = ("loading model…" if self.loads_model else "running"), None
+        else:
+            text, fraction = "generating", min(max(event.fraction or 0.0, 0.0), 1.0)
+        changed = text != self._last
+        self._last = text
+        if fraction is None:
+            self._progress.update(self._task, description=text, total=None)
+        else:
+            self._progress.update(self._task, description=text, total=1.0, completed=fraction)
+        if changed:
+            self._progress.refresh()
 
     def close(self) -> None:
-        if self.live and self._last:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _loads_model(app, request) -> bool:
+    """Whether the job is likely served by the local generator (which loads a model first)."""
+    try:
+        model = request.params.model or app.settings.generation.default_model
+        return app.router.resolve(model).generator.provider == "local"
+    except Exception:  # an unknown model: the service says so in a moment
+        return False
 
 
 def _jobs(settings, args) -> int:
@@ -323,12 +394,46 @@ def _jobs(settings, args) -> int:
     if args.json:
         print(json.dumps([_job_dict(j) for j in jobs]))
         return EXIT_OK
+    if _is_terminal(sys.stdout):
+        _print_jobs_table(jobs)
+        return EXIT_OK
     for j in jobs:
         detail = _printable(j.image_url if j.status == "done" else (j.error or ""))
         print(f"{j.id:>6}  {j.status:<9} {j.kind:<9} {_printable(j.user_id):<12} {_printable(j.model or '-'):<16} "
               f"seed {j.seed if j.seed is not None else '-':<10} ${j.cost_micros / 1e6:.4f}  "
               f"{j.prompt[:40]!r}  {detail}")
     return EXIT_OK
+
+
+_STATUS_STYLES = {"done": "green", "failed": "red", "blocked": "yellow", "refused": "yellow",
+                  "cancelled": "dim", "queued": "cyan", "running": "cyan"}
+
+
+def _print_jobs_table(jobs) -> None:
+    """`easel jobs` on a terminal: the plain listing's fields in an aligned table. Every cell is
+    a Text (never markup) of _printable text: stored text reaches the terminal as text."""
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console(sys.stdout)
+    if not jobs:
+        console.print(Text("no jobs", style="dim"))
+        return
+    table = Table(header_style="bold")
+    for name in ("id", "status", "kind", "user", "model", "seed", "cost", "prompt", "detail"):
+        right = name in ("id", "seed", "cost")
+        table.add_column(name, justify="right" if right else "left",
+                         overflow="fold" if name in ("prompt", "detail") else "ellipsis")
+    for j in jobs:
+        prompt = _printable(j.prompt)
+        detail = _printable(j.image_url if j.status == "done" else (j.error or ""))
+        table.add_row(
+            Text(str(j.id)), Text(str(j.status), style=_STATUS_STYLES.get(str(j.status), "")),
+            Text(str(j.kind)), Text(_printable(j.user_id)), Text(_printable(j.model or "-")),
+            Text(str(j.seed) if j.seed is not None else "-"), Text(f"${j.cost_micros / 1e6:.4f}"),
+            Text(prompt if len(prompt) <= 40 else prompt[:39] + "…"), Text(detail),
+        )
+    console.print(table)
 
 
 def _job_dict(job) -> dict:
@@ -344,6 +449,14 @@ def _job_dict(job) -> dict:
 def _budget(settings, args) -> int:
     from .core.models import Refusal, usd_to_micros
 
+    if args.action == "report":
+        if args.user is not None:
+            return _fail("budget report covers every user; it takes no user (see --period)", EXIT_USAGE)
+        return _budget_report(settings, args)
+    if args.user is None:
+        return _fail(f"budget {args.action} needs a user", EXIT_USAGE)
+    if args.period is not None or args.json:
+        return _fail("--period and --json are for budget report", EXIT_USAGE)
     actor = f"cli:{os.environ.get('USER', '?')}"
 
     async def act():
@@ -367,6 +480,59 @@ def _budget(settings, args) -> int:
         print(f"{args.user}: {b.describe()}")
     print(f"{args.user}: balance ${b.balance_micros / 1e6:.4f}, held for running jobs "
           f"${b.reserved_micros / 1e6:.4f}, available ${b.available_micros / 1e6:.4f}")
+    return EXIT_OK
+
+
+def _budget_report(settings, args) -> int:
+    """Spending over the period, by user (the top spenders) and by provider: a table on a
+    terminal, plain lines when piped, one JSON object with --json."""
+    from datetime import UTC, datetime
+
+    from .core.models import period_start
+
+    async def read():
+        app = _app(settings)
+        try:
+            return await app.accounts.report(None, args.period), app.clock.time()
+        finally:
+            await app.close()
+
+    report, now = asyncio.run(read())
+    since = datetime.fromtimestamp(period_start(report.period, now), UTC).isoformat(timespec="seconds")
+    top = [(str(user), int(micros or 0)) for user, micros in report.top]
+    providers = sorted(((str(p or "-"), int(m or 0)) for p, m in report.by_provider.items()),
+                       key=lambda item: (-item[1], item[0]))
+    total = sum(m for _, m in providers)
+    if args.json:
+        print(json.dumps({
+            "period": report.period, "since": since, "total_usd": total / 1e6,
+            "top": [{"user_id": u, "spent_usd": m / 1e6, "spent_micros": m} for u, m in top],
+            "by_provider": [{"provider": p, "spent_usd": m / 1e6, "spent_micros": m} for p, m in providers],
+            "guild_cap_usd": None if report.guild_cap_micros is None else report.guild_cap_micros / 1e6,
+        }))
+        return EXIT_OK
+    if not _is_terminal(sys.stdout):
+        print(f"period {report.period} since {since}: total ${total / 1e6:.4f}")
+        for user, micros in top:
+            print(f"user     {_printable(user):<24} ${micros / 1e6:.4f}")
+        for provider, micros in providers:
+            print(f"provider {_printable(provider):<24} ${micros / 1e6:.4f}")
+        return EXIT_OK
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console(sys.stdout)
+    console.print(Text.assemble(("spending this ", ""), (report.period, "bold"), f" (since {since}): ",
+                                (f"${total / 1e6:.4f}", "bold")))
+    for title, column, rows in (("top spenders", "user", top), ("by provider", "provider", providers)):
+        table = Table(title=title, header_style="bold", title_justify="left")
+        table.add_column(column)
+        table.add_column("spent", justify="right")
+        for name, micros in rows:
+            table.add_row(Text(_printable(name)), Text(f"${micros / 1e6:.4f}"))
+        if not rows:
+            table.add_row(Text("nothing spent", style="dim"), Text(""))
+        console.print(table)
     return EXIT_OK
 
 
@@ -433,33 +599,258 @@ def _known(router, name: str) -> bool:
     return True
 
 
+# ---- easel doctor ----------------------------------------------------------------------------
+
+OK, FAIL, SKIP = "ok", "fail", "skip"
+_MARKS = {OK: ("✓", "green", "ok  "), FAIL: ("✗", "red", "FAIL"), SKIP: ("–", "dim", "skip")}
+
+
+class _Rollback(Exception):
+    """Undoes the doctor's probe write."""
+
+
+def _doctor(settings, args) -> int:
+    """Every part of the set-up, one line each: ✓ (ok), ✗ (FAIL, with what to fix) or – (not set
+    up, and not needed). Exit 0 only when nothing failed. Nothing is generated, and no secret is
+    shown: keys and the token are only said to be set or not."""
+    results: list[tuple[str, str, str, str]] = []  # (state, name, detail, fix)
+
+    def run(check, *a) -> None:
+        try:
+            results.extend(check(*a))
+        except Exception as exc:  # a check that breaks is a failed check, not a traceback
+            name = check.__name__.removeprefix("_doctor_").replace("_", " ")
+            results.append((FAIL, name, f"the check itself failed: {type(exc).__name__}: {exc}",
+                            "report this; the rest of the checks ran"))
+
+    results.append((OK, "settings", f"{settings.source or 'built-in defaults'} (valid)", ""))
+    run(_doctor_storage, settings)
+    run(_doctor_generators, settings)
+    run(_doctor_image_screen, settings)
+    run(_doctor_discord, settings)
+    run(_doctor_public_url, settings)
+
+    terminal = _is_terminal(sys.stdout)
+    console = _console(sys.stdout) if terminal else None
+    for state, name, detail, fix in results:
+        mark, style, word = _MARKS[state]
+        tail = f"; fix: {fix}" if state == FAIL and fix else ""
+        if console is None:
+            print(f"{word} {_printable(name)}: {_printable(detail)}{_printable(tail)}")
+        else:
+            from rich.text import Text
+
+            console.print(Text.assemble((mark, f"bold {style}"), " ", (_printable(name), "bold"), ": ",
+                                        _printable(detail), (_printable(tail), "yellow")), soft_wrap=True)
+    failed = [name for state, name, _, _ in results if state == FAIL]
+    summary = (f"{len(failed)} of {len(results)} checks failed: {', '.join(failed)}" if failed
+               else f"all {len(results)} checks passed")
+    if console is None:
+        print(f"doctor: {summary}")
+    else:
+        from rich.text import Text
+
+        console.print(Text(summary, style="bold red" if failed else "bold green"), soft_wrap=True)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _doctor_storage(settings):
+    """The images folder and the database, as every command opens them (open_storage)."""
+    import sqlite3
+
+    from storage.db import Database
+    from storage.errors import StorageError
+
+    from .bootstrap import open_storage
+    from .config import ConfigError
+
+    db_fix = ("point storage.database at an SQLite file the easel user can write, in a folder "
+              "that exists or can be made")
+    images_fix = "point storage.images_dir at a folder the easel user can write to"
+    images_dir = settings.path(settings.storage.images_dir)
+    db_path = settings.path(settings.storage.database)
+    existed = db_path.is_file()
+    db = None
+    out = []
+    try:
+        db, _ = open_storage(settings)
+        out.append((OK, "images folder", f"{images_dir} (writable)", ""))
+    except ConfigError as exc:
+        if not str(exc).startswith("storage.images_dir"):
+            out.append((OK, "images folder", f"{images_dir} (writable)", ""))
+            if "newer than this easel" in str(exc):
+                db_fix = "upgrade easel to the version that wrote it, or point storage.database at another file"
+            return [*out, (FAIL, "database", str(exc), db_fix)]
+        out.append((FAIL, "images folder", str(exc), images_fix))
+        try:  # open_storage stopped at the images folder: the database on its own
+            db = Database(db_path)
+        except StorageError as exc:
+            return [*out, (FAIL, "database", f"storage.database: {exc}", db_fix)]
+    try:
+        version = db.schema_version
+        try:
+            with db.transaction() as conn:  # a write that is rolled back: the file is writable
+                conn.execute("CREATE TABLE easel_doctor_probe (x)")
+                raise _Rollback()
+        except _Rollback:
+            pass
+        except sqlite3.Error as exc:
+            return [*out, (FAIL, "database", f"{db_path}: not writable ({exc})", db_fix)]
+    finally:
+        db.close()
+    created = "" if existed else ", created now"
+    return [*out, (OK, "database", f"{db_path} (schema version {version}, writable{created})", "")]
+
+
+def _doctor_generators(settings):
+    """Each generator of the registry: usable, off, not set up, or why it cannot be used; then
+    the default model and the fallbacks."""
+    from .bootstrap import build_generators, build_router
+    from .config import GENERATORS, ConfigError
+    from .core.routing import UnknownModel
+
+    try:
+        generators = build_generators(settings)
+    except ConfigError as exc:
+        return [(FAIL, "generators", str(exc), "fix the setting it names")]
+    router = build_router(settings, generators)
+    built = {g.provider: g for g in generators}
+    unavailable = router.unavailable()
+    in_file = settings.generators.model_fields_set  # the [generators.*] tables the settings set
+    out = []
+    for entry in GENERATORS:
+        name, section = entry.name, entry.section(settings)
+        label = f"generator {name}"
+        key_env = getattr(section, "api_key_env", None)
+        key = f"; key set (${key_env})" if key_env and section.api_key() else ""
+        if not section.enabled:
+            out.append((SKIP, label, f"off (generators.{name}.enabled = false)", ""))
+        elif name in unavailable:
+            out.append((FAIL, label, f"not usable: {unavailable[name]}{key}",
+                        f"install what it names, or set generators.{name}.enabled = false"))
+        elif name in built:
+            models = sorted(s.name for s in built[name].models())
+            out.append((OK, label, f"usable: {len(models)} model{'s' * (len(models) != 1)} ({', '.join(models)}){key}", ""))
+        elif name in in_file:  # set up in the settings, but its key is not in the environment
+            out.append((FAIL, label, f"enabled in the settings, but ${key_env} is not set",
+                        f"put {key_env}=<key> in the environment (for systemd: /etc/easel/env), "
+                        f"or set generators.{name}.enabled = false"))
+        else:
+            out.append((SKIP, label, f"not set up (set ${key_env} to use it)", ""))
+    default = settings.generation.default_model
+    known = ", ".join(sorted(s.name for s in router.models())) or "none"
+    try:
+        route = router.resolve(default)
+        out.append((OK, "default model", f"{default} -> {route.spec.name} ({route.generator.provider})", ""))
+    except UnknownModel:
+        out.append((FAIL, "default model", f"{default!r} is not a usable model",
+                    f"set generation.default_model to a usable model ({known}), or set up its generator"))
+    for model, fallback in settings.routing.fallbacks.items():
+        unknown = [n for n in (model, fallback) if not _known(router, n)]
+        if unknown:
+            out.append((FAIL, f"fallback {model} -> {fallback}", f"no model {', '.join(map(repr, unknown))}",
+                        f"fix routing.fallbacks: usable models are {known}"))
+        else:
+            out.append((OK, f"fallback {model} -> {fallback}", "both usable", ""))
+    return out
+
+
+def _doctor_image_screen(settings):
+    from .bootstrap import build_image_screen
+
+    classifier = settings.moderation.image_classifier
+    if classifier == "none":
+        return [(SKIP, "image screen", 'off (moderation.image_classifier = "none")', "")]
+    reason = build_image_screen(settings).unavailable_reason()
+    if reason:
+        return [(FAIL, "image screen", f"{classifier}: not usable: {reason}",
+                 "pip install 'easel[nsfw]', or set moderation.image_classifier = \"none\"")]
+    return [(OK, "image screen", f"{classifier}: usable", "")]
+
+
+def _doctor_discord(settings):
+    import importlib.util
+
+    env = settings.discord.token_env
+    out = []
+    if importlib.util.find_spec("discord") is None:
+        out.append((FAIL, "discord", "the discord extra is not installed", "pip install 'easel[discord]'"))
+    if settings.discord.token() is None:
+        out.append((FAIL, "discord token", f"not set (${env})",
+                    f"put {env}=<bot token> in the environment (for systemd: /etc/easel/env); "
+                    "`easel run` needs it"))
+    else:
+        out.append((OK, "discord token", f"set (${env})", ""))
+    return out
+
+
+def _doctor_public_url(settings, timeout_s: float = 2.0):
+    """GET <public_url>/healthz from this machine: the image URLs easel hands out must work."""
+    import ipaddress
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = settings.storage.public_url.rstrip("/") + "/healthz"
+    fix = "start `easel serve` or `easel run`, or fix storage.public_url"
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    # This machine's own server is asked directly, never through a proxy from the environment.
+    handlers = [urllib.request.ProxyHandler({})] if loopback else []
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(url, timeout=timeout_s) as resp:
+            status = resp.status
+    except urllib.error.HTTPError as exc:
+        return [(FAIL, "public URL", f"{url} answered {exc.code}",
+                 "storage.public_url must lead to easel's image server (`easel serve` or `easel run`)")]
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return [(FAIL, "public URL", f"{url} is unreachable ({reason})", fix)]
+    return [(OK, "public URL", f"{url} answered {status}", "")]
+
+
 def _serve(settings, args) -> int:
     from aiohttp import web
 
-    from storage.blobs import LocalBlobStore
-    from storage.server import make_image_app
-
     from .config import listen_error
+    from .http import make_http_app
 
-    store = LocalBlobStore(settings.path(settings.storage.images_dir), settings.storage.public_url)
-    print(f"serving {store.root} at http://{settings.server.host}:{settings.server.port}/images/")
+    _logs(settings)
+    app = _app(settings)
+    http = make_http_app(app)
+
+    async def close(_) -> None:
+        await app.close()
+
+    http.on_cleanup.append(close)
+    print(f"serving {app.blobs.root} at http://{settings.server.host}:{settings.server.port}/images/ "
+          f"(and /healthz, /readyz, /metrics)")
     try:
-        web.run_app(make_image_app(store), host=settings.server.host, port=settings.server.port,
-                    print=None)
+        web.run_app(http, host=settings.server.host, port=settings.server.port, print=None)
     except OSError as exc:  # the address is in use, or the host does not resolve
+        asyncio.run(app.close())
         return _fail(str(listen_error(settings, exc)), EXIT_USAGE)
     return EXIT_OK
 
 
+def _logs(settings) -> None:
+    from .logs import secrets_of, setup
+
+    setup(settings.logging.format, settings.logging.level, secrets_of(settings))
+
+
 def _run_bot(settings, args) -> int:
     import importlib.util
-    import logging
 
     if importlib.util.find_spec("discord") is None:
         return _fail("the Discord bot needs the discord extra: pip install 'easel[discord]'", EXIT_USAGE)
     if settings.discord.token() is None:
         return _fail(f"the bot token is read from ${settings.discord.token_env}, which is not set", EXIT_USAGE)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _logs(settings)
     from .discord.client import serve
 
     async def main() -> None:
