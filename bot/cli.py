@@ -100,38 +100,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="PATH", help="settings file (default: $EASEL_CONFIG, else ./easel.toml, else built-in defaults)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _job_parsers(sub)
+    _other_parsers(sub)
+    return parser
 
-    def job_options(p, *, seed=True):
-        if seed:
-            p.add_argument("--seed", type=_seed, help="seed (default: chosen at random and recorded)")
-        p.add_argument("--model", help="model name or alias (see `easel models`)")
-        p.add_argument("--steps", type=int, help="inference steps")
-        p.add_argument("--guidance", type=float, help="guidance scale")
-        p.add_argument("--user", type=_user, default=DEFAULT_USER, help=f"whose budget pays (default: {DEFAULT_USER})")
-        p.add_argument("--json", action="store_true", help="print one JSON object")
-        for name in OPTION_FLAGS:  # model options (see `easel models`): quality, sampler, ...
-            p.add_argument(f"--{name}", help=f"{name}, for models that take it (see `easel models`)")
 
+def _job_options(p, *, seed=True):
+    if seed:
+        p.add_argument("--seed", type=_seed, help="seed (default: chosen at random and recorded)")
+    p.add_argument("--model", help="model name or alias (see `easel models`)")
+    p.add_argument("--steps", type=int, help="inference steps")
+    p.add_argument("--guidance", type=float, help="guidance scale")
+    p.add_argument("--user", type=_user, default=DEFAULT_USER, help=f"whose budget pays (default: {DEFAULT_USER})")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    for name in OPTION_FLAGS:  # model options (see `easel models`): quality, sampler, ...
+        p.add_argument(f"--{name}", help=f"{name}, for models that take it (see `easel models`)")
+
+
+def _job_parsers(sub) -> None:
     p = sub.add_parser("imagine", help="make an image from a prompt (inline --seed/--no/--ar flags work too)")
     p.add_argument("prompt")
     p.add_argument("--negative", help="what to keep out of the image")
     p.add_argument("--size", type=_size, help="WxH, e.g. 512x512")
     p.add_argument("--enhance", action="store_true", default=None,
                    help="let a chat model expand the prompt first (see [enhance] in the settings)")
-    job_options(p)
+    _job_options(p)
 
     p = sub.add_parser("variation", help="a variation of an earlier job's image")
     p.add_argument("job_id", type=int)
     p.add_argument("--strength", type=float, help="how far from the source, 0-1 (default from config)")
     p.add_argument("--prompt", default="", help="a new prompt (default: the source job's)")
-    job_options(p)
+    _job_options(p)
 
     p = sub.add_parser("edit", help="repaint an image (where the mask is white) from a prompt")
     p.add_argument("image", type=Path)
     p.add_argument("prompt")
     p.add_argument("--mask", type=Path, help="PNG mask: white is repainted, black is kept")
     p.add_argument("--negative")
-    job_options(p)
+    _job_options(p)
+
+    for name, what in (("zoom", "zoom out (2x) of an earlier job's image"),
+                       ("pan", "extend an earlier job's image by half to one side")):
+        p = sub.add_parser(name, help=f"{what}; its own pixels are kept exactly (outpainting)")
+        p.add_argument("job_id", type=int)
+        if name == "pan":
+            p.add_argument("direction", choices=["left", "right", "up", "down"])
+        p.add_argument("--prompt", default="", help="what to draw around it (default: the source job's prompt)")
+        _job_options(p)
 
     p = sub.add_parser("upscale", help="enlarge an earlier job's image")
     p.add_argument("job_id", type=int)
@@ -139,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", type=_user, default=DEFAULT_USER)
     p.add_argument("--json", action="store_true")
 
+
+def _other_parsers(sub) -> None:
     p = sub.add_parser("jobs", help="list recent jobs")
     p.add_argument("--user", type=_user)
     p.add_argument("--limit", type=_limit, default=20, help="how many (1-1000)")
@@ -158,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
                                   "image server's URL) and say what to fix")
     sub.add_parser("serve", help="serve stored images over HTTP")
     sub.add_parser("run", help="run the Discord bot (token from $DISCORD_TOKEN) and the image server")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     handler = {
         "imagine": _job_command, "variation": _job_command, "edit": _job_command,
-        "upscale": _job_command, "jobs": _jobs, "budget": _budget, "models": _models,
+        "upscale": _job_command, "zoom": _job_command, "pan": _job_command, "jobs": _jobs, "budget": _budget, "models": _models,
         "check": _check, "doctor": _doctor, "serve": _serve, "run": _run_bot,
     }[args.command]
     try:
@@ -260,8 +276,10 @@ def _job_command(settings, args) -> int:
         model=args.model,
         options={k: v for k in OPTION_FLAGS if (v := getattr(args, k, None))},
     )
+    outpaint = {"zoom": "zoom", "pan": getattr(args, "direction", None)}.get(args.command)
     request = JobRequest(
-        Kind(args.command), Requester(args.user), params,
+        Kind.EDIT if outpaint else Kind(args.command), Requester(args.user), params,
+        outpaint=outpaint,
         source_job_id=getattr(args, "job_id", None),
         enhance=getattr(args, "enhance", None),
         image=_read_file(getattr(args, "image", None), settings.generation.max_upload_bytes, "image"),

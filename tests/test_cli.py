@@ -192,6 +192,7 @@ def diffusions(first_image, tmp_path_factory) -> dict[str, Run]:
             ("sampler again", sampler, ("imagine", "a cat", "--sampler", "euler_a", "--seed", "7", *SMALL)),
             ("variation", derived, ("variation", source_job, "--seed", "5")),
             ("upscale", derived, ("upscale", source_job)),
+            ("zoom", derived, ("zoom", source_job, "--seed", "3", "--steps", "2")),
             ("edit", edit, ("edit", str(root / "photo.png"), "a red door", "--mask",
                             str(root / "mask.png"), "--seed", "3", "--steps", "2")),
         ]:
@@ -437,6 +438,17 @@ def test_upscale_doubles_an_earlier_job(diffusions, first_image):
     original = Image.open(source["image_path"]).convert("RGB")
     diff = sum(abs(a - b) for p, q in zip(back.getdata(), original.getdata()) for a, b in zip(p, q))
     assert diff / (64 * 64 * 3) < 16
+
+
+def test_zoom_out_keeps_the_earlier_image_exactly_in_the_middle(diffusions, first_image):
+    source, run = first_image[1], diffusions["zoom"]
+    outcome = run.outcome()
+    zoomed = _check_image(outcome, run.ws, (128, 128))
+    job = {j["id"]: j for j in run.ws.jobs()}[outcome["job_id"]]
+    assert (job["kind"], job["outpaint"], job["source_job_id"], job["prompt"]) == (
+        "edit", "zoom", source["job_id"], PROMPT)
+    original = Image.open(source["image_path"]).convert("RGB")
+    assert zoomed.convert("RGB").crop((32, 32, 96, 96)).tobytes() == original.tobytes()
 
 
 def test_variation_of_a_missing_job_is_refused(workspace):

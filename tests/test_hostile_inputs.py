@@ -135,6 +135,8 @@ CASES = [
     Case("job number past 2**63", ["variation", str(2**70)], USAGE, f"there is no job {2**70}"),
     Case("negative job number", ["upscale", "-5"], USAGE, "there is no job -5"),
     Case("job number zero", ["upscale", "0"], USAGE, "there is no job 0"),
+    Case("zoom out of a missing job", ["zoom", "999"], USAGE, "there is no job 999"),
+    Case("pan sideways", ["pan", "1", "sideways"], USAGE, "invalid choice"),
     Case("job number not a number", ["upscale", "seven"], USAGE, "invalid int value"),
     Case("huge jobs limit", ["jobs", "--limit", str(10**30)], USAGE, "must be 1-1000"),
     Case("negative jobs limit", ["jobs", "--limit", "-1"], USAGE, "must be 1-1000"),
