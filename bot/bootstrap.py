@@ -3,6 +3,7 @@ the service. Tests and benchmarks pass `Overrides` for the seams they replace.""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class App:
     results: Results
     clock: Clock
     metrics: Metrics
+    retired: list[Router] = field(default_factory=list)  # replaced by a reload, to be closed
 
     def recover(self) -> list[int]:
         """Fail and refund what a dead easel process left in flight (a start-up step)."""
@@ -82,6 +84,8 @@ class App:
         changed = _changed(self.settings.model_dump(), new.model_dump())
         live = (
             "budget.",
+            "generators.",
+            "routing.",
             "queue.max_jobs_per_user",
             "moderation.prompt_rules",
             "prompts.",
@@ -99,10 +103,30 @@ class App:
         service.admission.max_requests_per_user = policy.max_requests_per_user
         self.ledger.default_allowance_micros = usd_to_micros(new.budget.default_allowance_usd)
         self.screening.prompts = build_prompt_screen(new)
+        if any(key.startswith(("generators.", "routing.")) for key in changed):
+            self._swap_router(new)
         self.settings = new
         return [key if key.startswith(live) else f"{key} (needs a restart)" for key in changed]
 
+    def _swap_router(self, new: Settings) -> None:
+        """The model list and routing, rebuilt; jobs in flight finish on the old generators,
+        which `close_retired` closes once nothing runs."""
+        router = build_router(new, build_generators(new), on_failure=self.metrics.provider_failed)
+        service = self.service
+        self.retired.append(self.router)
+        self.router = service.router = service.planner.router = service.billing.router = router
+        self.accounts.router = router
+
+    async def close_retired(self, wait_s: float) -> None:
+        """Close the generators a reload replaced, once no job is in flight (or after `wait_s`)."""
+        running = self.service.in_flight()
+        if running and wait_s > 0:
+            await asyncio.wait(running, timeout=wait_s)
+        while self.retired:
+            await self.retired.pop().close()
+
     async def close(self) -> None:
+        await self.close_retired(0)
         await self.router.close()
         enhancer = self.service.enhancer.enhancer
         if enhancer is not None and hasattr(enhancer, "close"):
@@ -265,7 +289,7 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         ),
         observer=metrics,
     )
-    metrics.watch(service.admission.load, lambda: {p: b.state for p, b in router.breakers.items()})
+    metrics.watch(service.admission.load, lambda: {p: b.state for p, b in service.router.breakers.items()})
     accounts = Accounts(policy, ledger, jobs, preferences, router, clock)
     return App(
         settings,

@@ -193,3 +193,27 @@ async def test_a_reload_applies_budgets_limits_and_rules_and_names_what_needs_a_
     text = log_stream.getvalue()
     assert "settings reloaded from" in text and "server.port (needs a restart)" in text
     assert "settings not reloaded (nothing changed)" in text and "budgett" in text
+
+
+async def test_a_reload_that_changes_the_model_list_swaps_the_router(tmp_path, log_stream):
+    from bot.config import load_settings
+    from bot.discord.client import reload_settings
+    from tests.helpers import write_config
+
+    config = tmp_path / "easel.toml"
+    tables = {"storage": {"database": "easel.db", "images_dir": "images"},
+              "moderation": {"image_classifier": "none"}}
+    write_config(config, {**tables, "generators.local.models": {"tiny": "tiny"}})
+    app = start_app(load_settings(str(config)))
+    old = app.router
+    try:
+        assert [s.name for s in app.router.models()] == ["tiny"]
+        write_config(config, {**tables, "generators.local.models": {"tiny": "tiny", "sketch": "tiny"}})
+        changed = await reload_settings(app)
+        assert changed == ["generators.local.models.sketch"]  # applied: no "(needs a restart)"
+        assert sorted(s.name for s in app.service.planner.router.models()) == ["sketch", "tiny"]
+        assert app.router is app.service.router is app.accounts.router is not old
+        await app.close_retired(1.0)
+        assert app.retired == []
+    finally:
+        await app.close()

@@ -160,6 +160,10 @@ class EaselService:
         task.cancel()
         return True
 
+    def in_flight(self) -> set[asyncio.Task[JobOutcome]]:
+        """The tasks of the jobs running now."""
+        return {t for t in self._tasks.values() if not t.done()}
+
     def queue_position(self, job_id: int) -> int | None:
         return self.admission.position(job_id)
 

@@ -72,7 +72,12 @@ async def reload_settings(app: App) -> list[str] | None:
     except ConfigError as exc:
         log.error("settings not reloaded (nothing changed): %s", exc)
         return None
-    changed = app.reload(new)
+    try:
+        changed = app.reload(new)
+    except ConfigError as exc:  # a generator that cannot be built from the new settings
+        log.error("settings not reloaded (nothing changed): %s", exc)
+        return None
+    asyncio.ensure_future(app.close_retired(app.settings.generation.job_timeout_s))
     log.info("settings reloaded from %s: %s", source or "the environment", ", ".join(changed) or "nothing changed")
     return changed
 
