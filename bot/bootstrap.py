@@ -66,6 +66,7 @@ class App:
     clock: Clock
     metrics: Metrics
     retired: list[Router] = field(default_factory=list)  # replaced by a reload, to be closed
+    queue_overrides: Mapping[str, int] = field(default_factory=dict)  # from Overrides (tests)
 
     def recover(self) -> list[int]:
         """Fail and refund what a dead easel process left in flight (a start-up step)."""
@@ -105,6 +106,7 @@ class App:
         self.screening.prompts = build_prompt_screen(new)
         if any(key.startswith(("generators.", "routing.")) for key in changed):
             self._swap_router(new)
+            service.admission.set_limits({**queue_limits(new), **self.queue_overrides})
         self.settings = new
         return [key if key.startswith(live) else f"{key} (needs a restart)" for key in changed]
 
@@ -305,4 +307,5 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         Results(jobs, blobs, screening),
         clock,
         metrics,
+        queue_overrides=overrides.queue_limits,
     )

@@ -208,9 +208,11 @@ async def test_a_reload_that_changes_the_model_list_swaps_the_router(tmp_path, l
     old = app.router
     try:
         assert [s.name for s in app.router.models()] == ["tiny"]
-        write_config(config, {**tables, "generators.local.models": {"tiny": "tiny", "sketch": "tiny"}})
+        write_config(config, {**tables, "generators.local": {"max_concurrent": 3},
+                              "generators.local.models": {"tiny": "tiny", "sketch": "tiny"}})
         changed = await reload_settings(app)
-        assert changed == ["generators.local.models.sketch"]  # applied: no "(needs a restart)"
+        assert changed == ["generators.local.max_concurrent", "generators.local.models.sketch"]  # all applied
+        assert app.service.admission._queue("local").limit == 3
         assert sorted(s.name for s in app.service.planner.router.models()) == ["sketch", "tiny"]
         assert app.router is app.service.router is app.accounts.router is not old
         await app.close_retired(1.0)

@@ -113,6 +113,14 @@ class Admission:
         self._in_flight: dict[str, dict[str, int]] = {}  # user -> request group -> jobs
         self._sinks: dict[int, EventSink] = {}  # jobs waiting for a slot, to tell their position
 
+    def set_limits(self, limits: Mapping[str, int]) -> None:
+        """New per-provider limits (a reload): a higher limit lets waiting jobs in at once; a
+        lower one lets running jobs finish and admits no more until they are under it."""
+        self._limits = dict(limits)
+        for provider, queue in self._queues.items():
+            queue.limit = self._limits.get(provider, self._default_limit)
+            queue._dispatch()
+
     def load(self) -> dict[str, tuple[int, int]]:
         """Per provider: (jobs waiting for a slot, jobs running)."""
         return {provider: (len(q), q.running) for provider, q in self._queues.items()}
