@@ -96,7 +96,6 @@ class App:
             "generation.job_timeout_s",
             "generation.max_upload",
             "moderation.blocked_outputs_are_paid",
-            "logging.",
         )
         policy = policy_from(new)
         service = self.service
