@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from .models import (
     GeneratedImage,
@@ -56,6 +57,14 @@ class Records:
     async def store(self, result: GeneratedImage, checked: DecodedImage) -> StoredBlob:
         data = result.data if result.format == "png" else await asyncio.to_thread(self.codec.to_png, checked)
         return await asyncio.to_thread(self.blobs.put, data)
+
+    def composite(self, result: GeneratedImage, plan: Plan) -> GeneratedImage:
+        """An outpainting keeps the source's pixels exactly: the model draws only the new area."""
+        canvas, mask = plan.request.source_image, plan.request.mask_image
+        assert canvas is not None and mask is not None
+        data = self.codec.composite(result.data, canvas, mask)
+        decoded = self.codec.decode(canvas)
+        return replace(result, data=data, width=decoded.width, height=decoded.height, format="png")
 
     def reroll_request(self, job: JobRecord, requester: Requester) -> JobRequest:
         """The job's request again, without its seed (a new one is chosen)."""

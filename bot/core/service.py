@@ -253,7 +253,7 @@ class EaselService:
         """Validate and screen the output; store it unless it is blocked (never stored or shown)."""
         if plan.outpaint:
             with watch("composite"):
-                result = await asyncio.to_thread(self._composite, result, plan)
+                result = await asyncio.to_thread(self.records.composite, result, plan)
         with watch("validate"):
             checked = await self.screening.validate(result, plan.request)
         with watch("screen_image"):
@@ -270,14 +270,6 @@ class EaselService:
         with watch("store"):
             stored = await self.records.store(result, checked)
         return Ending(JobStatus.DONE, charge=True, result=result, stored=stored, timings=watch.ms)
-
-    def _composite(self, result: GeneratedImage, plan: Plan) -> GeneratedImage:
-        """An outpainting keeps the source's pixels exactly: the model draws only the new area."""
-        canvas, mask = plan.request.source_image, plan.request.mask_image
-        assert canvas is not None and mask is not None
-        data = self.codec.composite(result.data, canvas, mask)
-        decoded = self.codec.decode(canvas)
-        return replace(result, data=data, width=decoded.width, height=decoded.height, format="png")
 
     async def _enhance(
         self, request: JobRequest, plan: Plan, watch: _Stopwatch, done: list[Enhancement]
