@@ -9,11 +9,19 @@ from moderation.image import (
     NudeNetScreen,
     judge_detections,
 )
-from moderation.prompt import DEFAULT_PROMPT_RULES, PromptRule, PromptScreen
+from moderation.prompt import (
+    DEFAULT_PROMPT_RULES,
+    LIKENESS_RULE,
+    MINORS_RULE,
+    PromptRule,
+    PromptScreen,
+)
 
 __all__ = [
     "DEFAULT_PROMPT_RULES",
     "EXPOSED_LABELS",
+    "LIKENESS_RULE",
+    "MINORS_RULE",
     "NUDENET_LABELS",
     "ImageScreen",
     "ImageScreenUnavailable",
