@@ -28,6 +28,7 @@ from storage.db import Database
 from storage.errors import StorageError
 from storage.jobs import JobStore
 from storage.ledger import Ledger
+from storage.moderation_log import ModerationLog
 from storage.preferences import Preferences
 
 from .config import GENERATORS, ConfigError, Settings, queue_limits
@@ -65,6 +66,7 @@ class App:
     results: Results
     clock: Clock
     metrics: Metrics
+    moderation: ModerationLog
     retired: list[Router] = field(default_factory=list)  # replaced by a reload, to be closed
     queue_overrides: Mapping[str, int] = field(default_factory=dict)  # from Overrides (tests)
 
@@ -152,12 +154,14 @@ def build_generators(settings: Settings) -> list[Generator]:
 def build_prompt_screen(settings: Settings) -> PromptScreen:
     from moderation import DEFAULT_PROMPT_RULES, PromptRule, PromptScreen
 
-    rules = settings.moderation.prompt_rules
-    if rules is None:
-        return PromptScreen(DEFAULT_PROMPT_RULES)
-    return PromptScreen(
-        [PromptRule(name, tuple(r.terms), r.allow_in_nsfw_channels) for name, r in rules.items()]
+    mod = settings.moderation
+    rules = mod.prompt_rules
+    chosen = (
+        DEFAULT_PROMPT_RULES
+        if rules is None
+        else [PromptRule(name, tuple(r.terms), r.allow_in_nsfw_channels) for name, r in rules.items()]
     )
+    return PromptScreen(chosen, real_people=tuple(mod.real_people))
 
 
 def build_image_screen(settings: Settings) -> ImageScreen:
@@ -213,6 +217,10 @@ def policy_from(settings: Settings) -> Policy:
         daily_spend_cap_micros=usd_to_micros(budget.daily_spend_cap_usd),
         budget_period=budget.period,
         tip_under_words=settings.prompts.tip_under_words,
+        log_prompts=settings.moderation.log_prompts,
+        cooldown_after=settings.moderation.cooldown_after,
+        cooldown_window_s=settings.moderation.cooldown_window_s,
+        cooldown_s=settings.moderation.cooldown_s,
         negative_prompts={
             **(BUILTIN_NEGATIVES if settings.prompts.builtin_negatives else {}),
             **settings.prompts.negative_prompts,
@@ -262,6 +270,7 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
     preferences = Preferences(db)
     generators = build_generators(settings) if overrides.generators is None else overrides.generators
     metrics = Metrics()
+    moderation = ModerationLog(db)
     router = build_router(settings, generators, on_failure=metrics.provider_failed)
     codec = PillowCodec()
     screening = Screening(
@@ -289,6 +298,8 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
             max_prompt_chars=policy.max_prompt_chars,
         ),
         observer=metrics,
+        moderation=moderation,
+        clock=clock,
     )
     metrics.watch(service.admission.load, lambda: {p: b.state for p, b in service.router.breakers.items()})
     accounts = Accounts(policy, ledger, jobs, preferences, router, clock)
@@ -303,8 +314,9 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         screening,
         service,
         accounts,
-        Results(jobs, blobs, screening),
+        Results(jobs, blobs, screening, moderation),
         clock,
         metrics,
+        moderation,
         queue_overrides=overrides.queue_limits,
     )

@@ -155,7 +155,24 @@ def _job_parsers(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _moderation_parser(sub) -> None:
+    p = sub.add_parser("moderation", help="test the prompt rules (check), see blocks (log, stats)")
+    actions = p.add_subparsers(dest="moderation_action", required=True, metavar="ACTION")
+    check = actions.add_parser("check", help="screen prompts (or - : one a line from stdin); generates nothing")
+    check.add_argument("prompts", nargs="+", metavar="PROMPT")
+    check.add_argument("--channel", choices=["normal", "nsfw"], default="normal",
+                       help="screen as in an ordinary or an age-restricted channel")
+    log = actions.add_parser("log", help="recent moderation blocks")
+    log.add_argument("--user", type=_user)
+    log.add_argument("--limit", type=_limit, default=50, help="how many (1-1000)")
+    log.add_argument("--json", action="store_true")
+    stats = actions.add_parser("stats", help="blocks per rule over a period")
+    stats.add_argument("--period", choices=["day", "week", "month"], default="week")
+    stats.add_argument("--json", action="store_true")
+
+
 def _other_parsers(sub) -> None:
+    _moderation_parser(sub)
     p = sub.add_parser("jobs", help="list recent jobs")
     p.add_argument("--user", type=_user)
     p.add_argument("--limit", type=_limit, default=20, help="how many (1-1000)")
@@ -188,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {
         "imagine": _job_command, "variation": _job_command, "edit": _job_command,
         "upscale": _job_command, "zoom": _job_command, "pan": _job_command, "jobs": _jobs, "budget": _budget, "models": _models,
-        "check": _check, "doctor": _doctor, "serve": _serve, "run": _run_bot,
+        "check": _check, "doctor": _doctor, "moderation": _moderation, "serve": _serve, "run": _run_bot,
     }[args.command]
     try:
         return handler(settings, args)
@@ -452,6 +469,52 @@ def _print_jobs_table(jobs) -> None:
             Text(prompt if len(prompt) <= 40 else prompt[:39] + "…"), Text(detail),
         )
     console.print(table)
+
+
+def _moderation(settings, args) -> int:
+    """`moderation check` screens with the configured prompt rules and opens nothing else;
+    `log` and `stats` read the moderation log."""
+    if args.moderation_action == "check":
+        from .bootstrap import build_prompt_screen
+
+        screen = build_prompt_screen(settings)
+        prompts = sys.stdin.read().splitlines() if args.prompts == ["-"] else args.prompts
+        for i, prompt in enumerate(prompts):
+            verdict = screen.screen_prompt(prompt, nsfw_channel=args.channel == "nsfw")
+            print(json.dumps({"prompt_index": i, "blocked": not verdict.allowed, "category": verdict.rule,
+                              "rule": verdict.rule, "score": verdict.score}))
+        return EXIT_OK
+    import time
+
+    from .core.models import period_start
+
+    app = _app(settings)
+    try:
+        if args.moderation_action == "stats":
+            since = period_start(args.period, time.time())
+            counts = app.moderation.counts(since)
+            if args.json:
+                print(json.dumps({"period": args.period, "since": since, "blocks": counts}))
+            else:
+                print(f"blocks this {args.period}: {sum(counts.values())}")
+                for rule, n in counts.items():
+                    print(f"{_printable(rule):<20} {n}")
+            return EXIT_OK
+        events = app.moderation.recent(user_id=args.user, limit=args.limit)
+    finally:
+        asyncio.run(app.close())
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(e) for e in events]))
+        return EXIT_OK
+    for e in events:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.created_at))
+        where = f"guild {e.guild_id}" if e.guild_id else "-"
+        text = f"  {e.prompt[:60]!r}" if e.prompt else ""
+        print(f"{when}  {_printable(e.user_id):<12} {where:<24} {e.stage:<8} {_printable(e.rule):<16} "
+              f"job {e.job_id or '-'}{text}")
+    return EXIT_OK
 
 
 def _job_dict(job) -> dict:

@@ -175,8 +175,18 @@ class ModerationSettings(_Section):
     # age-restricted channels: "allow" nudity there, or "block" everywhere
     nsfw_channels: Annotated[Str, _one_of("allow", "block", message='must be "allow" or "block"')] = "allow"
     blocked_outputs_are_paid: Bool = False
-    # None: the built-in rules (moderation.DEFAULT_PROMPT_RULES). A table replaces them.
+    # None: the built-in rules (moderation.DEFAULT_PROMPT_RULES). A table replaces them; the
+    # rules on child sexual content and on minors with sexual or suggestive terms always apply.
     prompt_rules: dict[Str, PromptRuleSettings] | None = None
+    # Names whose likeness is not drawn (the "likeness" rule), e.g. ["Jane Doe"].
+    real_people: Strings = ()
+    # The moderation log keeps who, where and why; the prompt text only with this on.
+    log_prompts: Bool = False
+    # After this many blocked requests within cooldown_window_s, a member waits cooldown_s from
+    # the last one; 0: no cool-down.
+    cooldown_after: Annotated[Int, _rule(lambda v: 0 <= v <= 100, "must be 0-100")] = 3
+    cooldown_window_s: Seconds = 600.0
+    cooldown_s: Seconds = 900.0
 
 
 # --- generators -------------------------------------------------------------------------------

@@ -135,6 +135,23 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN outpaint TEXT;
     """,
+    # 7: the moderation log.
+    """
+    CREATE TABLE moderation_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        user_id TEXT NOT NULL,
+        guild_id TEXT,
+        channel_id TEXT,
+        job_id INTEGER,
+        stage TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        score REAL,
+        prompt TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX moderation_user ON moderation_events(user_id, created_at);
+    CREATE INDEX moderation_time ON moderation_events(created_at);
+    """,
 ]
 
 class Database:

@@ -112,7 +112,8 @@ def png_of(image: PILImage.Image) -> bytes:
 async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
     bot = await make_bot()
     commands = {c["name"]: c for c in fake.commands()}
-    assert sorted(commands) == ["budget", "edit", "imagine", "settings", "tips", "upscale", "usage", "variation"]
+    assert sorted(commands) == ["budget", "edit", "imagine", "moderation", "settings", "tips", "upscale", "usage",
+                                 "variation"]
     assert fake.commands(fake.guild) == []  # no sync_guilds: global commands only
     assert fake.unmatched_requests == []
 
@@ -145,7 +146,7 @@ async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
     assert [(o["name"], o["type"]) for o in subcommands["set"]["options"]] == [("user", 6), ("amount", 10)]
     assert str(commands["tips"]["default_member_permissions"]) == str(1 << 5)
     for name, command in commands.items():
-        if name not in ("budget", "tips"):
+        if name not in ("budget", "tips", "moderation"):
             assert command["default_member_permissions"] is None, name
     assert bot.client.user.id == fake.bot_user.id
 
@@ -1024,7 +1025,7 @@ async def test_easel_run_serves_an_imagine_and_stops_on_sigterm(fake, easel_proc
         raise AssertionError(f"easel run never identified\n{easel.stderr()}") from None
     assert fake.identify_payload["intents"] == INTENTS
     assert sorted(c["name"] for c in fake.commands()) == [
-        "budget", "edit", "imagine", "settings", "tips", "upscale", "usage", "variation"]
+        "budget", "edit", "imagine", "moderation", "settings", "tips", "upscale", "usage", "variation"]
     assert not [r for r in fake.requests if r.path.endswith("/gateway/bot")]  # it was given the gateway
 
     interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse --ar 1:1"})
@@ -1196,3 +1197,16 @@ async def test_the_zoom_out_button_outpaints_around_the_original(fake, make_bot,
     zoomed = decoded(bot.app.blobs.get(job.sha256)).convert("RGB")
     original = decoded(bot.app.blobs.get(source.sha256)).convert("RGB")
     assert zoomed.crop((256, 256, 768, 768)).tobytes() == original.tobytes()  # the original, exactly
+
+
+
+async def test_admins_see_the_moderation_log_of_their_server(fake, make_bot, bob):
+    await make_bot({"moderation": {"log_prompts": True}})
+    blocked = await fake.send_slash_command("imagine", {"prompt": "a gory battlefield"}, user=bob)
+    assert "Not allowed" in await refusal_of(fake, blocked)
+    reply = await immediate_reply(fake, await fake.send_slash_command("moderation log", {}, user=fake.owner))
+    lines = reply.content.splitlines()
+    assert lines[0] == "**Blocked requests** (newest first, 1)"
+    assert f"<@{bob.id}> \u00b7 prompt \u00b7 `gore`" in lines[1] and "||a gory battlefield||" in lines[1]
+    refused = await fake.send_slash_command("moderation log", {}, user=bob)
+    assert (await immediate_reply(fake, refused)).content == "\U0001f512 only admins can see the moderation log"

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .models import (
+    Blocked,
     Caps,
     ErrorCode,
     GeneratedImage,
@@ -43,6 +44,7 @@ class Ending:
     original_prompt: str | None = None
     extra_micros: int = 0
     note: str | None = None
+    blocked: Blocked | None = None  # what decided a moderation block (for the moderation log)
 
 
 class Billing:

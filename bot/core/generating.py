@@ -7,6 +7,7 @@ import asyncio
 import time
 
 from .models import (
+    Blocked,
     ContentPolicyError,
     ErrorCode,
     EventSink,
@@ -50,10 +51,10 @@ async def generate(
         )
     except ContentPolicyError as exc:
         observer.blocked("provider", plan.route.spec.provider)
-        raise Refusal(
-            ErrorCode.BLOCKED,
+        raise Blocked(
             f"the provider refused this request on content grounds: {exc}",
-            JobStatus.BLOCKED,
+            stage="provider",
+            rule=plan.route.spec.provider,
         ) from None
     except TimeoutError:
         raise Refusal(ErrorCode.FAILED, f"{name} took longer than {timeout:g}s", JobStatus.FAILED) from None

@@ -613,7 +613,30 @@ class Refusal(Exception):
         self.status = status
 
 
+class Blocked(Refusal):
+    """A moderation block, with what decided it (for the moderation log; never shown as is)."""
+
+    def __init__(self, message: str, *, stage: str, rule: str, score: float | None = None):
+        super().__init__(ErrorCode.BLOCKED, message, JobStatus.BLOCKED)
+        self.stage, self.rule, self.score = stage, rule, score
+
+
 # ---- moderation, storage, preferences -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModerationEvent:
+    """One moderation decision: who, where, at which stage, what decided it."""
+
+    user_id: str
+    stage: str  # prompt, upload, output or provider
+    rule: str  # the category or rule; for the provider, its name
+    guild_id: str | None = None
+    channel_id: str | None = None
+    job_id: int | None = None
+    score: float | None = None
+    prompt: str | None = None  # only when the settings keep prompts (moderation.log_prompts)
+    created_at: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,11 @@ class Policy:
     blocked_outputs_are_paid: bool
     daily_spend_cap_micros: int  # paid generation per UTC day; 0: no cap
     budget_period: str  # day, week or month: what guild caps and reports count over
+    # Moderation: keep the prompt text in the moderation log; cool-downs after repeated blocks.
+    log_prompts: bool = False
+    cooldown_after: int = 0  # blocked requests within cooldown_window_s; 0: no cool-down
+    cooldown_window_s: float = 600.0
+    cooldown_s: float = 900.0
     tip_under_words: int = 0  # prompts of fewer words get a tip (core.advice); 0: never
     # Default negative prompts by model name or family (see core.negatives).
     negative_prompts: Mapping[str, str] = field(default_factory=dict)

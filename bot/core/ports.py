@@ -19,6 +19,7 @@ from .models import (
     GuildSettings,
     JobRecord,
     ModelSpec,
+    ModerationEvent,
     ProgressCallback,
     StoredBlob,
     UserSettings,
@@ -150,6 +151,18 @@ class ImageScreen(Protocol):
     def screen_image(self, image: Any, *, nsfw_channel: bool = False) -> Verdict: ...
 
     def unavailable_reason(self) -> str | None: ...
+
+
+class ModerationLog(Protocol):
+    def record(self, event: ModerationEvent) -> None: ...
+
+    def recent(self, *, user_id: str | None = None, limit: int = 50) -> list[ModerationEvent]: ...
+
+    def counts(self, since: float) -> dict[str, int]:
+        """Blocks per rule since `since`."""
+        ...
+
+    def blocks_since(self, user_id: str, since: float) -> int: ...
 
 
 class Observer(Protocol):

@@ -6,27 +6,64 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import replace
 
 from .models import (
+    Blocked,
+    ErrorCode,
     GeneratedImage,
     JobOutcome,
     JobRecord,
     JobRequest,
     JobStatus,
     Kind,
+    ModerationEvent,
+    Refusal,
     Requester,
     StoredBlob,
 )
 from .planning import Plan
-from .ports import BlobStore, DecodedImage, ImageCodec, JobStore, Observer
+from .policy import Policy
+from .ports import BlobStore, Clock, DecodedImage, ImageCodec, JobStore, ModerationLog, Observer
 
 log = logging.getLogger("bot.core.service")
 
 
 class Records:
-    def __init__(self, jobs: JobStore, blobs: BlobStore, codec: ImageCodec, owner: str, observer: Observer):
+    def __init__(
+        self,
+        jobs: JobStore,
+        blobs: BlobStore,
+        codec: ImageCodec,
+        owner: str,
+        observer: Observer,
+        policy: Policy,
+        moderation: ModerationLog | None = None,
+        clock: Clock | None = None,
+    ):
         self.jobs, self.blobs, self.codec, self.owner, self.observer = jobs, blobs, codec, owner, observer
+        self.policy, self.moderation = policy, moderation
+        self.clock = clock or _SystemClock()
+
+    def check_cooldown(self, who: Requester) -> None:
+        """After `cooldown_after` blocked requests within `cooldown_window_s`, a member waits
+        `cooldown_s` from the last one before asking again (moderation.cooldown_*)."""
+        p = self.policy
+        if self.moderation is None or p.cooldown_after <= 0:
+            return
+        events = self.moderation.recent(user_id=who.user_id, limit=p.cooldown_after)
+        now = self.clock.time()
+        if len(events) < p.cooldown_after or events[-1].created_at < now - p.cooldown_window_s:
+            return
+        until = events[0].created_at + p.cooldown_s
+        if until > now:
+            minutes = max(1, round((until - now) / 60))
+            raise Refusal(
+                ErrorCode.BLOCKED,
+                f"{len(events)} of your requests were blocked in a short time; you can ask again in "
+                f"about {minutes} minute{'s' if minutes != 1 else ''}",
+            )
 
     def create(self, request: JobRequest, plan: Plan) -> JobRecord:
         who = request.requester
@@ -93,9 +130,27 @@ class Records:
         params = job.params.but(prompt=job.original_prompt or job.prompt)
         return JobRequest(Kind.IMAGINE, requester, params, enhance=True)
 
-    def finished(self, outcome: JobOutcome) -> None:
-        """One log line with the job's fields, and the metrics."""
+    def finished(self, outcome: JobOutcome, blocked: Blocked | None, request: JobRequest) -> None:
+        """One log line with the job's fields, the metrics, and a moderation block in the
+        moderation log (blocking: call it in a thread)."""
         job = outcome.job
+        if blocked is not None and self.moderation is not None:
+            who = request.requester
+            self.moderation.record(
+                ModerationEvent(
+                    user_id=who.user_id,
+                    guild_id=who.guild_id,
+                    channel_id=who.channel_id,
+                    job_id=job.id if job else None,
+                    stage=blocked.stage,
+                    rule=blocked.rule,
+                    score=blocked.score,
+                    prompt=(job.prompt if job else request.params.prompt)
+                    if self.policy.log_prompts
+                    else None,
+                    created_at=self.clock.time(),
+                )
+            )
         if job is None:
             return
         self.observer.job_finished(job)
@@ -115,3 +170,8 @@ class Records:
                 "duration_ms": round(((job.finished_at or job.created_at) - job.created_at) * 1000, 1),
             },
         )
+
+
+class _SystemClock:
+    def time(self) -> float:
+        return time.time()

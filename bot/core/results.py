@@ -5,14 +5,27 @@ from __future__ import annotations
 
 import asyncio
 
-from .models import JobRecord
-from .ports import BlobStore, JobStore
+from .models import JobRecord, ModerationEvent
+from .ports import BlobStore, JobStore, ModerationLog
 from .screening import Screening
 
 
 class Results:
-    def __init__(self, jobs: JobStore, blobs: BlobStore, screening: Screening):
-        self.jobs, self.blobs, self.screening = jobs, blobs, screening
+    def __init__(
+        self, jobs: JobStore, blobs: BlobStore, screening: Screening, moderation: ModerationLog | None = None
+    ):
+        self.jobs, self.blobs, self.screening, self.moderation = jobs, blobs, screening, moderation
+
+    async def moderation_log(self, guild_id: str | None, limit: int = 20) -> list[ModerationEvent]:
+        """Recent blocks in a guild (a DM's, with None), newest first."""
+        if self.moderation is None:
+            return []
+        log = self.moderation
+
+        def read() -> list[ModerationEvent]:
+            return [e for e in log.recent(limit=max(limit * 10, 200)) if e.guild_id == guild_id][:limit]
+
+        return await asyncio.to_thread(read)
 
     async def job(self, job_id: int) -> JobRecord | None:
         return await asyncio.to_thread(self.jobs.get, job_id)

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
-from .models import ErrorCode, GeneratedImage, GenerationRequest, JobRequest, JobStatus, Kind, Refusal
+from .models import (
+    Blocked,
+    ErrorCode,
+    GeneratedImage,
+    GenerationRequest,
+    JobRequest,
+    JobStatus,
+    Kind,
+    Refusal,
+)
 from .ports import DecodedImage, ImageCodec, ImageScreen, NoObserver, Observer, PromptScreen
 
 # An output whose aspect ratio is further than this from the asked one was not made as asked.
@@ -26,14 +35,24 @@ class Screening:
         verdict = self.prompts.screen_prompt(text, nsfw_channel=nsfw)
         if not verdict.allowed:
             self.observer.blocked("prompt", verdict.rule or "unknown")
-            raise Refusal(ErrorCode.BLOCKED, verdict.reason or "blocked", JobStatus.BLOCKED)
+            raise Blocked(
+                verdict.reason or "blocked",
+                stage="prompt",
+                rule=verdict.rule or "unknown",
+                score=verdict.score,
+            )
         if gen.kind in (Kind.EDIT, Kind.VARIATION) and request.image is not None:
             assert gen.source_image is not None
             image = await asyncio.to_thread(self.codec.decode, gen.source_image)
             verdict = await asyncio.to_thread(self.images.screen_image, image.image, nsfw_channel=nsfw)
             if not verdict.allowed:
                 self.observer.blocked("upload", verdict.rule or "unknown")
-                raise Refusal(ErrorCode.BLOCKED, f"the uploaded image: {verdict.reason}", JobStatus.BLOCKED)
+                raise Blocked(
+                    f"the uploaded image: {verdict.reason}",
+                    stage="upload",
+                    rule=verdict.rule or "unknown",
+                    score=verdict.score,
+                )
 
     async def validate(self, result: GeneratedImage, gen: GenerationRequest) -> DecodedImage:
         """The decoded output; a failing Refusal when it is not a usable image of the size asked."""
@@ -44,13 +63,18 @@ class Screening:
                 ErrorCode.FAILED, f"{result.model} returned an unusable image: {exc}", JobStatus.FAILED
             ) from None
 
-    async def output_blocked(self, checked: DecodedImage, nsfw_channel: bool) -> str | None:
-        """Why the image screen blocks an output, or None when it may be shown."""
+    async def output_blocked(self, checked: DecodedImage, nsfw_channel: bool) -> Blocked | None:
+        """The block if the image screen does not pass an output, or None when it may be shown."""
         verdict = await asyncio.to_thread(self.images.screen_image, checked.image, nsfw_channel=nsfw_channel)
         if verdict.allowed:
             return None
         self.observer.blocked("output", verdict.rule or "unknown")
-        return verdict.reason or "blocked"
+        return Blocked(
+            f"the result was blocked: {verdict.reason or 'blocked'}",
+            stage="output",
+            rule=verdict.rule or "unknown",
+            score=verdict.score,
+        )
 
     def preview_allowed(self, png: bytes, nsfw_channel: bool) -> bool:
         """For a step preview (blocking: call it in a thread). Undecodable previews are not shown."""

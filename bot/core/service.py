@@ -20,6 +20,7 @@ from .enhancing import NOT_SET_UP, Enhancement, Enhancer
 from .generating import generate
 from .models import (
     MAX_SEED,
+    Blocked,
     BudgetRefusal,
     ErrorCode,
     EventSink,
@@ -34,7 +35,7 @@ from .models import (
 )
 from .planning import Plan, Planner
 from .policy import Policy
-from .ports import BlobStore, ImageCodec, JobStore, NoObserver, Observer
+from .ports import BlobStore, Clock, ImageCodec, JobStore, ModerationLog, NoObserver, Observer
 from .prompting import Normalised, normalise
 from .records import Records
 from .routing import Router
@@ -59,12 +60,14 @@ class EaselService:
         owner: str,
         enhancer: Enhancer | None = None,
         observer: Observer | None = None,
+        moderation: ModerationLog | None = None,
+        clock: Clock | None = None,
     ):
         self.policy, self.planner, self.screening, self.billing = policy, planner, screening, billing
         self.admission, self.router, self.jobs, self.blobs = admission, router, jobs, blobs
         self.codec, self.owner = codec, owner
         self.observer: Observer = observer or NoObserver()
-        self.records = Records(jobs, blobs, codec, owner, self.observer)
+        self.records = Records(jobs, blobs, codec, owner, self.observer, policy, moderation, clock)
         self.enhancer = enhancer or Enhancer(
             None, on_failure="original", max_prompt_chars=policy.max_prompt_chars
         )
@@ -173,6 +176,7 @@ class EaselService:
         watch = _Stopwatch()
         try:
             with watch("prepare"):
+                await asyncio.to_thread(self.records.check_cooldown, request.requester)
                 plan = await self.planner.plan(request, asked)
             if asked.enhance and not self.enhancer.available:
                 raise Refusal(ErrorCode.USAGE, NOT_SET_UP)
@@ -186,11 +190,11 @@ class EaselService:
         try:
             ending = await self._steps(job, request, plan, watch, on_event, asked.enhance, done)
             outcome = await self.billing.finish(job, _enhanced(ending, done))
-            self.records.finished(outcome)
+            await asyncio.to_thread(self.records.finished, outcome, ending.blocked, request)
             return outcome
         except asyncio.CancelledError:
             ending = Ending(JobStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled", timings=watch.ms)
-            self.records.finished(await asyncio.shield(self.billing.finish(job, ending)))
+            self.records.finished(await asyncio.shield(self.billing.finish(job, ending)), None, request)
             raise
         finally:
             self._tasks.pop(job.id, None)
@@ -237,7 +241,8 @@ class EaselService:
         except BudgetRefusal as exc:
             return Ending(JobStatus.REFUSED, exc.code, str(exc), timings=watch.ms)
         except Refusal as exc:
-            return Ending(exc.status, exc.code, str(exc), timings=watch.ms)
+            blocked = exc if isinstance(exc, Blocked) else None
+            return Ending(exc.status, exc.code, str(exc), timings=watch.ms, blocked=blocked)
         except Exception as exc:  # a bug must refund too, and leave a trace
             log.exception("job %s failed unexpectedly", job.id)
             return Ending(
@@ -262,7 +267,8 @@ class EaselService:
             return Ending(
                 JobStatus.BLOCKED,
                 ErrorCode.BLOCKED,
-                f"the result was blocked: {blocked}",
+                str(blocked),
+                blocked=blocked,
                 charge=self.policy.blocked_outputs_are_paid,
                 result=result,
                 timings=watch.ms,

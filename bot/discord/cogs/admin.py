@@ -26,7 +26,10 @@ class Admin(commands.Cog):
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:  # type: ignore[override]
         if not is_admin(interaction.user, self.settings):
-            raise Refused("only admins can manage budgets", ErrorCode.FORBIDDEN)
+            command = getattr(interaction.command, "qualified_name", "") or ""
+            what = {"moderation": "see the moderation log", "tips": "switch tips"}.get(command.split(" ")[0],
+                                                                                       "manage budgets")
+            raise Refused(f"only admins can {what}", ErrorCode.FORBIDDEN)
         return True
 
     @budget.command(name="show", description="A member's balance and spend")
@@ -87,6 +90,22 @@ class Admin(commands.Cog):
             return await change
         except Refusal as exc:
             raise Refused(str(exc), exc.code) from None
+
+    moderation = app_commands.Group(name="moderation", description="Moderation (admins)", guild_only=True,
+                                    default_permissions=discord.Permissions(manage_guild=True))
+
+    @moderation.command(name="log", description="Recent blocked requests in this server")
+    @app_commands.describe(limit="how many (1-25)")
+    async def moderation_log(self, interaction: discord.Interaction,
+                             limit: app_commands.Range[int, 1, 25] = 10) -> None:
+        events = await self.app.results.moderation_log(str(interaction.guild_id), limit)
+        lines = [f"**Blocked requests** (newest first, {len(events)})"] + [
+            f"<t:{int(e.created_at)}:R> <@{e.user_id}> \u00b7 {e.stage} \u00b7 `{e.rule}`"
+            + (f" \u00b7 job {e.job_id}" if e.job_id else "")
+            + (f" \u00b7 ||{discord.utils.escape_markdown(e.prompt[:80])}||" if e.prompt else "")
+            for e in events] if events else ["No blocked requests in this server."]
+        await interaction.response.send_message("\n".join(lines), ephemeral=True,
+                                                allowed_mentions=discord.AllowedMentions.none())
 
     @app_commands.command(name="tips", description="Tips for short prompts in this server (admins)")
     @app_commands.describe(on="give members tips for short prompts (at most one a day each)")
