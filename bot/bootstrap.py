@@ -245,6 +245,24 @@ def build_enhancer(settings: Settings) -> PromptEnhancer | None:
     )
 
 
+def review_store(settings: Settings) -> LocalBlobStore | None:
+    """Where blocked outputs are kept for review, if the settings keep them; outside the images
+    folder, so the image server never serves them."""
+    mod = settings.moderation
+    if not mod.keep_blocked_outputs:
+        return None
+    root = settings.path(mod.review_dir)
+    images = settings.path(settings.storage.images_dir)
+    if root.resolve() == images.resolve() or images.resolve() in root.resolve().parents:
+        raise ConfigError("moderation.review_dir must not be inside storage.images_dir (it would be served)")
+    store = LocalBlobStore(root, "review://")
+    try:
+        store.check_writable()
+    except StorageError as exc:
+        raise ConfigError(f"moderation.review_dir: {exc}") from None
+    return store
+
+
 def open_storage(settings: Settings) -> tuple[Database, LocalBlobStore]:
     """The database and the images folder, checked now: a problem with either is one line that
     names the setting and the settings file (a ConfigError), not a traceback mid-job."""
@@ -300,6 +318,7 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         observer=metrics,
         moderation=moderation,
         clock=clock,
+        review=review_store(settings),
     )
     metrics.watch(service.admission.load, lambda: {p: b.state for p, b in service.router.breakers.items()})
     accounts = Accounts(policy, ledger, jobs, preferences, router, clock)

@@ -187,6 +187,9 @@ class ModerationSettings(_Section):
     cooldown_after: Annotated[Int, _rule(lambda v: 0 <= v <= 100, "must be 0-100")] = 3
     cooldown_window_s: Seconds = 600.0
     cooldown_s: Seconds = 900.0
+    # Keep blocked outputs for admins to review, in review_dir: never served by the image server.
+    keep_blocked_outputs: Bool = False
+    review_dir: Str = "data/review"
 
 
 # --- generators -------------------------------------------------------------------------------

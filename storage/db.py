@@ -152,6 +152,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX moderation_user ON moderation_events(user_id, created_at);
     CREATE INDEX moderation_time ON moderation_events(created_at);
     """,
+    # 8: a blocked output kept for review (moderation.keep_blocked_outputs), by its key in the
+    # review store, which the image server never serves.
+    """
+    ALTER TABLE moderation_events ADD COLUMN review_sha256 TEXT;
+    """,
 ]
 
 class Database:

@@ -6,7 +6,8 @@ from bot.core.models import ModerationEvent
 
 from .db import Database
 
-_COLUMNS = ("user_id", "guild_id", "channel_id", "job_id", "stage", "rule", "score", "prompt", "created_at")
+_COLUMNS = ("user_id", "guild_id", "channel_id", "job_id", "stage", "rule", "score", "prompt", "created_at",
+            "review_sha256")
 
 
 class ModerationLog:

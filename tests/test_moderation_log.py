@@ -26,6 +26,7 @@ class BlockEverything:
 
 
 def make_app(tmp_path, clock, image_screen=None, **moderation):
+    moderation.setdefault("review_dir", str(tmp_path / "review"))
     settings = settings_from_dict({
         "storage": {"database": str(tmp_path / "easel.db"), "images_dir": str(tmp_path / "images")},
         "generation": {"default_model": "fake-model"},
@@ -111,3 +112,32 @@ def test_the_command_line_checks_prompts_and_shows_the_log(tmp_path):
     assert (event["stage"], event["rule"], event["user_id"], event["prompt"]) == ("prompt", "gore", "local", None)
     stats = easel("moderation", "stats", "--period", "day")
     assert stats.returncode == 0 and "blocks this day: 1" in stats.stdout and "gore" in stats.stdout
+
+
+
+async def test_a_blocked_output_kept_for_review_is_never_served(tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from bot.http import make_http_app
+
+    app = make_app(tmp_path, FixedClock(), image_screen=BlockEverything(), keep_blocked_outputs=True)
+    try:
+        out = await app.service.submit(job_request("imagine", "eve", "a beach"))
+        [event] = app.moderation.recent()
+        async with TestClient(TestServer(make_http_app(app))) as client:
+            served = await client.get(f"/images/{event.review_sha256}.png")
+    finally:
+        await app.close()
+    assert out.status == JobStatus.BLOCKED and out.job.sha256 is None
+    kept = tmp_path / "review" / event.review_sha256[:2] / f"{event.review_sha256}.png"
+    assert kept.is_file() and not any((tmp_path / "images").rglob("*.png"))
+    assert served.status == 404
+
+
+def test_a_review_folder_inside_the_images_folder_is_refused(tmp_path):
+    import pytest
+
+    from bot.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must not be inside storage.images_dir"):
+        make_app(tmp_path, FixedClock(), keep_blocked_outputs=True, review_dir=str(tmp_path / "images" / "review"))

@@ -619,6 +619,7 @@ class Blocked(Refusal):
     def __init__(self, message: str, *, stage: str, rule: str, score: float | None = None):
         super().__init__(ErrorCode.BLOCKED, message, JobStatus.BLOCKED)
         self.stage, self.rule, self.score = stage, rule, score
+        self.review_sha256: str | None = None  # set when the blocked output is kept for review
 
 
 # ---- moderation, storage, preferences -------------------------------------------------------
@@ -637,6 +638,7 @@ class ModerationEvent:
     score: float | None = None
     prompt: str | None = None  # only when the settings keep prompts (moderation.log_prompts)
     created_at: float = 0.0
+    review_sha256: str | None = None  # a blocked output kept for review, in the review store
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,7 @@ class Records:
                     if self.policy.log_prompts
                     else None,
                     created_at=self.clock.time(),
+                    review_sha256=blocked.review_sha256,
                 )
             )
         if job is None:

@@ -62,11 +62,13 @@ class EaselService:
         observer: Observer | None = None,
         moderation: ModerationLog | None = None,
         clock: Clock | None = None,
+        review: BlobStore | None = None,
     ):
         self.policy, self.planner, self.screening, self.billing = policy, planner, screening, billing
         self.admission, self.router, self.jobs, self.blobs = admission, router, jobs, blobs
         self.codec, self.owner = codec, owner
         self.observer: Observer = observer or NoObserver()
+        self.review = review
         self.records = Records(jobs, blobs, codec, owner, self.observer, policy, moderation, clock)
         self.enhancer = enhancer or Enhancer(
             None, on_failure="original", max_prompt_chars=policy.max_prompt_chars
@@ -264,6 +266,8 @@ class EaselService:
         with watch("screen_image"):
             blocked = await self.screening.output_blocked(checked, nsfw)
         if blocked:
+            if self.review is not None:  # kept where no public server reaches it, for admins to review
+                blocked.review_sha256 = (await asyncio.to_thread(self.review.put, result.data)).key
             return Ending(
                 JobStatus.BLOCKED,
                 ErrorCode.BLOCKED,
