@@ -157,6 +157,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE moderation_events ADD COLUMN review_sha256 TEXT;
     """,
+    # 9: an image an age-restricted channel's policy shows as a spoiler.
+    """
+    ALTER TABLE jobs ADD COLUMN spoiler INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 class Database:

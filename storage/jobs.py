@@ -23,6 +23,7 @@ def _record(row: Any) -> JobRecord:
     data["timings"] = json.loads(data["timings"] or "{}")
     data["nsfw_channel"] = bool(data["nsfw_channel"])
     data["public"] = bool(data["public"])
+    data["spoiler"] = bool(data["spoiler"])
     data["kind"], data["status"] = Kind(data["kind"]), JobStatus(data["status"])
     data["error_code"] = ErrorCode(data["error_code"]) if data["error_code"] else None
     size = (width, height) if width is not None and height is not None else None

@@ -1210,3 +1210,25 @@ async def test_admins_see_the_moderation_log_of_their_server(fake, make_bot, bob
     assert f"<@{bob.id}> \u00b7 prompt \u00b7 `gore`" in lines[1] and "||a gory battlefield||" in lines[1]
     refused = await fake.send_slash_command("moderation log", {}, user=bob)
     assert (await immediate_reply(fake, refused)).content == "\U0001f512 only admins can see the moderation log"
+
+
+class SpoilerInAgeRestricted:
+    """Passes every image; in an age-restricted channel, as a spoiler (a channel policy's verdict)."""
+
+    def screen_image(self, image, *, nsfw_channel=False):
+        from bot.core.models import ALLOWED, Verdict
+
+        return Verdict(True, rule="nudity", reason="spoiler", score=0.8) if nsfw_channel else ALLOWED
+
+    def unavailable_reason(self):
+        return None
+
+
+async def test_an_age_restricted_channels_spoiler_policy_posts_the_image_as_a_spoiler(fake, make_bot):
+    bot = await make_bot(image_screen=SpoilerInAgeRestricted())
+    _, plain = await imagine_result(bot, {"prompt": "a beach"})
+    spoiled = await fake.send_slash_command("imagine", {"prompt": "a beach"}, channel=fake.nsfw_channel)
+    message = await result_of(fake, spoiled, bot=bot)
+    assert plain.attachments[0].filename.startswith("easel-")
+    assert message.attachments[0].filename.startswith("SPOILER_easel-")
+    assert [j.spoiler for j in bot.jobs()] == [False, True]

@@ -45,6 +45,7 @@ class Ending:
     extra_micros: int = 0
     note: str | None = None
     blocked: Blocked | None = None  # what decided a moderation block (for the moderation log)
+    spoiler: bool = False  # shown as a spoiler (an age-restricted channel's policy)
 
 
 class Billing:
@@ -122,7 +123,7 @@ class Billing:
         if end.note is not None:
             values["note"] = "; ".join(filter(None, [values.get("note"), end.note]))
         if end.stored is not None:
-            values.update(sha256=end.stored.key, image_url=end.stored.url)
+            values.update(sha256=end.stored.key, image_url=end.stored.url, spoiler=end.spoiler)
         with self.uow.transaction():
             if end.charge:
                 billed = result.cost_usd if result is not None else None

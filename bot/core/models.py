@@ -508,6 +508,7 @@ class JobRecord:
     public: bool = False  # posted where the channel sees it (see core.access)
     original_prompt: str | None = None  # the prompt as typed, when it was enhanced
     outpaint: str | None = None  # zoom, left, right, up or down: an outpainting of source_job_id
+    spoiler: bool = False  # to be shown as a spoiler (an age-restricted channel's policy)
     owner: str | None = None  # the process running the job (see core.recovery)
     source_sha256: str | None = None  # an uploaded input image, kept in the blob store
     mask_sha256: str | None = None

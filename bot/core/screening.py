@@ -17,6 +17,8 @@ from .models import (
 )
 from .ports import DecodedImage, ImageCodec, ImageScreen, NoObserver, Observer, PromptScreen
 
+# An allowed verdict with this reason: post the image as a spoiler (see moderation.image).
+SPOILER = "spoiler"
 # An output whose aspect ratio is further than this from the asked one was not made as asked.
 ASPECT_TOLERANCE = 0.03
 
@@ -32,7 +34,8 @@ class Screening:
         """Raise a blocking Refusal if the prompt or an uploaded image may not be used."""
         nsfw = request.requester.nsfw_channel
         text = " ".join(filter(None, [gen.prompt, gen.negative_prompt]))
-        verdict = self.prompts.screen_prompt(text, nsfw_channel=nsfw)
+        # Off the loop: a semantic screen embeds the prompt (and loads its model the first time).
+        verdict = await asyncio.to_thread(self.prompts.screen_prompt, text, nsfw_channel=nsfw)
         if not verdict.allowed:
             self.observer.blocked("prompt", verdict.rule or "unknown")
             raise Blocked(
@@ -63,11 +66,12 @@ class Screening:
                 ErrorCode.FAILED, f"{result.model} returned an unusable image: {exc}", JobStatus.FAILED
             ) from None
 
-    async def output_blocked(self, checked: DecodedImage, nsfw_channel: bool) -> Blocked | None:
-        """The block if the image screen does not pass an output, or None when it may be shown."""
+    async def output_blocked(self, checked: DecodedImage, nsfw_channel: bool) -> Blocked | bool:
+        """The block if the image screen does not pass an output; else whether it is to be shown
+        as a spoiler (an age-restricted channel's policy for its category)."""
         verdict = await asyncio.to_thread(self.images.screen_image, checked.image, nsfw_channel=nsfw_channel)
         if verdict.allowed:
-            return None
+            return verdict.reason == SPOILER
         self.observer.blocked("output", verdict.rule or "unknown")
         return Blocked(
             f"the result was blocked: {verdict.reason or 'blocked'}",

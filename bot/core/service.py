@@ -265,7 +265,7 @@ class EaselService:
             checked = await self.screening.validate(result, plan.request)
         with watch("screen_image"):
             blocked = await self.screening.output_blocked(checked, nsfw)
-        if blocked:
+        if isinstance(blocked, Blocked):
             if self.review is not None:  # kept where no public server reaches it, for admins to review
                 blocked.review_sha256 = (await asyncio.to_thread(self.review.put, result.data)).key
             return Ending(
@@ -279,7 +279,14 @@ class EaselService:
             )
         with watch("store"):
             stored = await self.records.store(result, checked)
-        return Ending(JobStatus.DONE, charge=True, result=result, stored=stored, timings=watch.ms)
+        return Ending(
+            JobStatus.DONE,
+            charge=True,
+            result=result,
+            stored=stored,
+            timings=watch.ms,
+            spoiler=blocked is True,
+        )
 
     async def _enhance(
         self, request: JobRequest, plan: Plan, watch: _Stopwatch, done: list[Enhancement]

@@ -36,8 +36,9 @@ def is_expired_token_error(exc: Exception) -> bool:
 def image_file(job: JobRecord, data: bytes, limit_bytes: int) -> tuple[discord.File, bool]:
     """The image as an attachment within `limit_bytes`: the PNG itself, or a JPEG of it (then
     True: the embed links to the full image on easel's server)."""
+    name = f"SPOILER_easel-{job.id}" if job.spoiler else f"easel-{job.id}"  # Discord blurs SPOILER_ files
     if len(data) <= limit_bytes:
-        return discord.File(io.BytesIO(data), filename=f"easel-{job.id}.png"), False
+        return discord.File(io.BytesIO(data), filename=f"{name}.png"), False
     from PIL import Image
 
     img = Image.open(io.BytesIO(data)).convert("RGB")
@@ -47,7 +48,7 @@ def image_file(job: JobRecord, data: bytes, limit_bytes: int) -> tuple[discord.F
         frame.save(buf, format="JPEG", quality=quality, optimize=True)
         if buf.tell() <= limit_bytes:
             buf.seek(0)
-            return discord.File(buf, filename=f"easel-{job.id}.jpg"), True
+            return discord.File(buf, filename=f"{name}.jpg"), True
     raise ValueError("the image cannot be made small enough to upload")
 
 
