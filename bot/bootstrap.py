@@ -165,12 +165,47 @@ def build_prompt_screen(settings: Settings) -> PromptScreen:
 
 
 def build_image_screen(settings: Settings) -> ImageScreen:
-    from moderation import NoImageScreen, NudeNetScreen
+    """The configured image screens in order (nudenet, a classifier model, the safety checker),
+    and the age-restricted channels' policy per category around them."""
+    from moderation import AllScreens, ChannelPolicy, NoImageScreen, NudeNetScreen
+    from moderation.classifier import ClassifierScreen, SafetyCheckerScreen
 
     mod = settings.moderation
-    if mod.image_classifier == "none":
+    screens: list[ImageScreen] = []
+    if mod.image_classifier != "none":
+        screens.append(NudeNetScreen(threshold=mod.nsfw_threshold, nsfw_channel_policy=mod.nsfw_channels))
+    if mod.classifier_model:
+        if not mod.classifier_labels:
+            raise ConfigError("moderation.classifier_labels: name the labels to block, e.g. {\"nsfw\" = 0.8}")
+        screens.append(ClassifierScreen(str(_model_path(settings, mod.classifier_model)),
+                                        blocked=dict(mod.classifier_labels)))
+    if mod.safety_checker:
+        screens.append(SafetyCheckerScreen(settings.path(mod.safety_checker)))
+    if not screens:
         return NoImageScreen()
-    return NudeNetScreen(threshold=mod.nsfw_threshold, nsfw_channel_policy=mod.nsfw_channels)
+    screen = screens[0] if len(screens) == 1 else AllScreens(screens)
+    if mod.nsfw_policy:
+        default = "allow" if mod.nsfw_channels == "allow" else "block"
+        try:
+            return ChannelPolicy(screen, dict(mod.nsfw_policy), default=default)
+        except ValueError as exc:
+            raise ConfigError(f"moderation.nsfw_policy: {exc}") from None
+    return screen
+
+
+def image_screen_names(settings: Settings) -> list[str]:
+    """Which image screens run, for `easel check`."""
+    mod = settings.moderation
+    names = ["nudenet"] if mod.image_classifier != "none" else []
+    names += [f"classifier {mod.classifier_model}"] if mod.classifier_model else []
+    names += [f"safety checker {mod.safety_checker}"] if mod.safety_checker else []
+    return names
+
+
+def _model_path(settings: Settings, source: str) -> str:
+    """A folder relative to the settings file, or a hub id as it is."""
+    path = settings.path(source)
+    return str(path) if path.exists() or source.startswith((".", "/", "~")) else source
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -635,7 +635,7 @@ def _models(settings, args) -> int:
 
 
 def _check(settings, args) -> int:
-    from .bootstrap import build_generators, build_image_screen, build_router
+    from .bootstrap import build_generators, build_image_screen, build_router, image_screen_names
     from .core.routing import UnknownModel
 
     print(f"settings: {settings.source or 'built-in defaults'} (valid)")
@@ -650,7 +650,9 @@ def _check(settings, args) -> int:
         print(f"generator {provider}: not usable: {reason}")
     screen = build_image_screen(settings)
     reason = screen.unavailable_reason()
-    print(f"image screening: {settings.moderation.image_classifier}: " + (f"not usable: {reason}" if reason else "usable"))
+    names = image_screen_names(settings)
+    which = ", ".join(names) if names else "none (outputs are not screened)"
+    print(f"image screening: {which}: " + (f"not usable: {reason}" if reason else "usable"))
     ok = reason is None
     try:
         router.resolve(settings.generation.default_model)

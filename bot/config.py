@@ -175,6 +175,17 @@ class ModerationSettings(_Section):
     # age-restricted channels: "allow" nudity there, or "block" everywhere
     nsfw_channels: Annotated[Str, _one_of("allow", "block", message='must be "allow" or "block"')] = "allow"
     blocked_outputs_are_paid: Bool = False
+    # More image screens, run after nudenet (the first block wins): a transformers
+    # image-classification model (a folder or hub id) with the labels it blocks and their score
+    # thresholds, e.g. {"nsfw" = 0.8}; and diffusers' Stable Diffusion safety checker (a folder).
+    classifier_model: Str = ""
+    classifier_labels: dict[Str, Annotated[Number, _rule(lambda v: 0 < v <= 1, "must be above 0 and at most 1")]] = Field(
+        default_factory=dict)
+    safety_checker: Str = ""
+    # Age-restricted channels, per category (a screen's rule, e.g. "nudity", "nsfw"): "allow",
+    # "spoiler" or "block"; categories not named follow nsfw_channels. Minors: never allowed.
+    nsfw_policy: dict[Str, Annotated[Str, _one_of("allow", "spoiler", "block", message='must be "allow", "spoiler" or "block"')]] = Field(
+        default_factory=dict)
     # None: the built-in rules (moderation.DEFAULT_PROMPT_RULES). A table replaces them; the
     # rules on child sexual content and on minors with sexual or suggestive terms always apply.
     prompt_rules: dict[Str, PromptRuleSettings] | None = None

@@ -1,12 +1,18 @@
 """Screening prompts (term rules) and generated images (an NSFW classifier) before serving."""
 from bot.core.models import Verdict
+from moderation.classifier import ClassifierScreen, SafetyCheckerScreen, judge_scores
 from moderation.image import (
     EXPOSED_LABELS,
     NUDENET_LABELS,
+    SPOILER,
+    AllScreens,
+    ChannelPolicy,
     ImageScreen,
     ImageScreenUnavailable,
     NoImageScreen,
     NudeNetScreen,
+    is_minors_rule,
+    is_spoiler,
     judge_detections,
 )
 from moderation.prompt import (
@@ -23,12 +29,20 @@ __all__ = [
     "LIKENESS_RULE",
     "MINORS_RULE",
     "NUDENET_LABELS",
+    "SPOILER",
+    "AllScreens",
+    "ChannelPolicy",
+    "ClassifierScreen",
     "ImageScreen",
     "ImageScreenUnavailable",
     "NoImageScreen",
     "NudeNetScreen",
     "PromptRule",
     "PromptScreen",
+    "SafetyCheckerScreen",
     "Verdict",
+    "is_minors_rule",
+    "is_spoiler",
     "judge_detections",
+    "judge_scores",
 ]

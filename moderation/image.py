@@ -134,3 +134,119 @@ class NoImageScreen:
 
     def unavailable_reason(self) -> str | None:
         return None
+
+
+# A verdict that is allowed and whose reason is SPOILER means "post it, but as a spoiler": the
+# image was flagged under the verdict's rule, and the channel's policy lets it through hidden.
+SPOILER = "spoiler"
+ChannelAction = Literal["allow", "spoiler", "block"]
+CHANNEL_ACTIONS = ("allow", "spoiler", "block")
+
+
+def is_minors_rule(rule: str | None) -> bool:
+    """Whether a rule (a screen's category) is about minors: such images are never allowed."""
+    name = (rule or "").lower()
+    return "minor" in name or "csam" in name
+
+
+def is_spoiler(verdict: Verdict) -> bool:
+    """Whether the verdict says "post it as a spoiler" (see ChannelPolicy)."""
+    return verdict.allowed and verdict.reason == SPOILER
+
+
+class ChannelPolicy:
+    """What an age-restricted (NSFW) channel does with each category a screen blocks.
+
+    The wrapped screen is always asked as for an ordinary channel (nsfw_channel=False), so its
+    own leniency for NSFW channels does not apply: this wrapper owns the channel decision. In an
+    ordinary channel every block stays a block. In an NSFW channel a block under rule R (its
+    category, matched case-insensitively) becomes, by `policy[R]` (or `default` for categories
+    the policy does not name, and for blocks that name no rule):
+
+    - "allow": allowed, `Verdict(allowed=True, score=...)`;
+    - "spoiler": allowed but to be posted as a spoiler, with the convention
+      `Verdict(allowed=True, rule=R, reason="spoiler", score=...)`: allowed with reason
+      "spoiler" (the SPOILER constant; test it with `is_spoiler`) means "post it as a spoiler";
+    - "block": the block, unchanged.
+
+    A minors category (a rule containing "minor" or "csam") is blocked everywhere, whatever the
+    policy; naming one in the policy as "allow" or "spoiler" is rejected as a configuration error.
+    """
+
+    def __init__(
+        self,
+        screen: ImageScreen,
+        policy: Mapping[str, ChannelAction],
+        default: ChannelAction = "block",
+    ):
+        for category, action in {**policy, "default": default}.items():
+            if action not in CHANNEL_ACTIONS:
+                raise ValueError(
+                    f'the NSFW-channel policy for {category!r} must be "allow", "spoiler" or '
+                    f'"block", not {action!r}'
+                )
+        lenient = sorted(c for c, action in policy.items() if is_minors_rule(c) and action != "block")
+        if lenient:
+            raise ValueError(
+                f"images of minors are blocked in every channel; the policy cannot "
+                f"{'/'.join(sorted({policy[c] for c in lenient}))} {lenient}"
+            )
+        self.screen = screen
+        self.policy = {category.lower(): action for category, action in policy.items()}
+        self.default = default
+
+    def action_for(self, rule: str | None) -> ChannelAction:
+        if is_minors_rule(rule):
+            return "block"
+        if rule is None:
+            return self.default
+        return self.policy.get(rule.lower(), self.default)
+
+    def screen_image(self, image: Image.Image, *, nsfw_channel: bool = False) -> Verdict:
+        verdict = self.screen.screen_image(image, nsfw_channel=False)
+        if verdict.allowed or not nsfw_channel:
+            return verdict
+        action = self.action_for(verdict.rule)
+        if action == "allow":
+            return Verdict(allowed=True, score=verdict.score)
+        if action == "spoiler":
+            return Verdict(allowed=True, rule=verdict.rule, reason=SPOILER, score=verdict.score)
+        return verdict
+
+    def unavailable_reason(self) -> str | None:
+        return self.screen.unavailable_reason()
+
+
+class AllScreens:
+    """Several screens, run in order: the first block wins and the later screens are not run.
+
+    When none blocks, the first spoiler verdict (see ChannelPolicy) is returned if there is one,
+    else an allowed verdict carrying the highest score any screen reported.
+    """
+
+    def __init__(self, screens: Iterable[ImageScreen]):
+        self.screens = tuple(screens)
+        if not self.screens:
+            raise ValueError("AllScreens needs at least one screen")
+
+    def screen_image(self, image: Image.Image, *, nsfw_channel: bool = False) -> Verdict:
+        spoiler: Verdict | None = None
+        scores: list[float] = []
+        for screen in self.screens:
+            verdict = screen.screen_image(image, nsfw_channel=nsfw_channel)
+            if not verdict.allowed:
+                return verdict
+            if spoiler is None and is_spoiler(verdict):
+                spoiler = verdict
+            if verdict.score is not None:
+                scores.append(verdict.score)
+        if spoiler is not None:
+            return spoiler
+        return Verdict(allowed=True, score=max(scores, default=None))
+
+    def unavailable_reason(self) -> str | None:
+        for screen in self.screens:
+            reason = screen.unavailable_reason()
+            if reason is not None:
+                return reason
+        return None
