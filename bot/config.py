@@ -436,6 +436,8 @@ class DiscordSettings(_Section):
                                           "must be guild ids (digits)")] = ()
     # Role names or ids whose members may run /budget; empty: members with Manage Server.
     admin_roles: Strings = ()
+    # A channel id for notes to admins (a member cooled down after repeated blocks); empty: none.
+    admin_channel: Annotated[Str, _rule(lambda v: v == "" or v.isdigit(), "must be a channel id (digits)")] = ""
     # Least seconds between two progress edits of one message (Discord rate limits).
     progress_interval_s: Annotated[Number, _rule(lambda v: v >= 1.0, "must be at least 1")] = 2.0
     # Most images one /imagine may ask for.

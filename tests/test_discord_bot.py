@@ -1232,3 +1232,20 @@ async def test_an_age_restricted_channels_spoiler_policy_posts_the_image_as_a_sp
     assert plain.attachments[0].filename.startswith("easel-")
     assert message.attachments[0].filename.startswith("SPOILER_easel-")
     assert [j.spoiler for j in bot.jobs()] == [False, True]
+
+
+async def test_admins_hear_once_when_a_member_is_cooled_down(fake, make_bot, bob):
+    bot = await make_bot({"moderation": {"cooldown_after": 2},
+                          "discord": {"admin_channel": str(fake.nsfw_channel.id)}})
+    for prompt in ("a gory battlefield", "more gore", "a lighthouse"):
+        interaction = await fake.send_slash_command("imagine", {"prompt": prompt}, user=bob)
+        await refusal_of(fake, interaction)
+
+    def notes():
+        return [m for m in fake.messages(fake.nsfw_channel) if "requests blocked" in (m.content or "")]
+
+    [note] = await eventually(lambda: notes() or None, what="a note to the admins")
+    assert f"<@{bob.id}> had 2 requests blocked" in note.content and "`gore`" in note.content
+    await asyncio.sleep(0.3)
+    assert len(notes()) == 1  # the third, cooled-down request adds no second note
+    assert [j.status for j in bot.jobs()] == ["blocked", "blocked"]  # the cooled one made no job

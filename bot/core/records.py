@@ -46,6 +46,24 @@ class Records:
         self.policy, self.moderation = policy, moderation
         self.clock = clock or _SystemClock()
 
+    def cooldown_started(self, user_id: str) -> ModerationEvent | None:
+        """The block that has just put this member into a cool-down (the one that reached the
+        count), or None: for a note to the admins, once per cool-down."""
+        p = self.policy
+        if self.moderation is None or p.cooldown_after <= 0:
+            return None
+        events = self.moderation.recent(user_id=user_id, limit=p.cooldown_after + 1)
+        if len(events) < p.cooldown_after:
+            return None
+        window = events[: p.cooldown_after]
+        if window[-1].created_at < window[0].created_at - p.cooldown_window_s:
+            return None
+        before = events[p.cooldown_after] if len(events) > p.cooldown_after else None
+        # The block before this run, if it was itself within a cool-down, already started one.
+        if before is not None and window[0].created_at - before.created_at < p.cooldown_s:
+            return None
+        return window[0]
+
     def check_cooldown(self, who: Requester) -> None:
         """After `cooldown_after` blocked requests within `cooldown_window_s`, a member waits
         `cooldown_s` from the last one before asking again (moderation.cooldown_*)."""

@@ -30,6 +30,7 @@ from .models import (
     JobRequest,
     JobStatus,
     Kind,
+    ModerationEvent,
     Refusal,
     Requester,
 )
@@ -164,6 +165,10 @@ class EaselService:
             return False
         task.cancel()
         return True
+
+    async def cooldown_started(self, user_id: str) -> ModerationEvent | None:
+        """The block that just put `user_id` into a cool-down, for a note to the admins."""
+        return await asyncio.to_thread(self.records.cooldown_started, user_id)
 
     def in_flight(self) -> set[asyncio.Task[JobOutcome]]:
         """The tasks of the jobs running now."""

@@ -40,7 +40,7 @@ class EaselClient(commands.Bot):
                          guild_ready_timeout=guild_ready_timeout)
         self.app = app
         self.discord_settings = settings
-        self.delivery = Delivery(app, settings)
+        self.delivery = Delivery(app, settings, self)
         self.tree.error(on_command_error)
 
     async def setup_hook(self) -> None:

@@ -13,7 +13,7 @@ import discord
 
 from ..bootstrap import App
 from ..config import DiscordSettings
-from ..core.models import EventSink, JobEvent, JobOutcome, JobRecord, UserSettings
+from ..core.models import ErrorCode, EventSink, JobEvent, JobOutcome, JobRecord, UserSettings
 from .context import channel_is_nsfw
 from .errors import CANCELLED_BY_RESTART, RESTARTING, refusal_text, tell_privately
 from .views import REACTIONS, progress_text, result_embed, result_view
@@ -105,10 +105,11 @@ class ProgressMessage:
 class Delivery:
     """Runs a service call for an interaction or a reaction and delivers what it made."""
 
-    def __init__(self, app: App, settings: DiscordSettings):
-        self.app, self.settings = app, settings
+    def __init__(self, app: App, settings: DiscordSettings, client: discord.Client | None = None):
+        self.app, self.settings, self.client = app, settings, client
         self.accepting = True
         self._tasks: set[asyncio.Task] = set()
+        self._noted: dict[int, float] = {}  # the cool-down each member's admin note was for
 
     # ---- lifetime -----------------------------------------------------------------------------
 
@@ -179,6 +180,8 @@ class Delivery:
                 await self._deliver(interaction, outcome, started, private=private, first=delivered == 0)
                 delivered += 1
         refusals = [o for o in outcomes if not o.ok]
+        if any(o.error_code == ErrorCode.BLOCKED for o in refusals):
+            await self._note_cooldown(interaction.user.id)
         if refusals:
             text = "\n".join(dict.fromkeys(refusal_text(o) for o in refusals))
             if not delivered:
@@ -203,6 +206,28 @@ class Delivery:
                 await interaction.followup.send(tip, ephemeral=True)
             except discord.HTTPException as exc:
                 log.info("could not send a tip: %s", exc)
+
+    async def _note_cooldown(self, user_id: int) -> None:
+        """Tell the admin channel, once, that a member is cooling down after repeated blocks."""
+        channel_id = self.settings.admin_channel
+        if not channel_id:
+            return
+        started = await self.app.service.cooldown_started(str(user_id))
+        if started is None or self._noted.get(user_id) == started.created_at:
+            return
+        self._noted[user_id] = started.created_at
+        p = self.app.service.policy
+        until = int(started.created_at + p.cooldown_s)
+        text = (f"\u26a0\ufe0f <@{user_id}> had {p.cooldown_after} requests blocked in a short time (latest: "
+                f"{started.stage}, `{started.rule}`); they can ask again <t:{until}:R>. See /moderation log.")
+        client = self.client
+        if client is None:
+            return
+        try:
+            channel = client.get_channel(int(channel_id)) or await client.fetch_channel(int(channel_id))
+            await channel.send(text, allowed_mentions=discord.AllowedMentions.none())  # type: ignore[union-attr]
+        except (discord.HTTPException, AttributeError) as exc:
+            log.warning("could not post to the admin channel %s: %s", channel_id, exc)
 
     async def _tell(self, interaction: discord.Interaction, text: str, started: float) -> None:
         if not token_expired(started):
