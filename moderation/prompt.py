@@ -59,9 +59,15 @@ _LOOKALIKES = str.maketrans(
 )
 
 
+# Emoji used as words in prompts that dodge word lists: read as the word they stand for. Only
+# the unambiguous ones (a peach or a droplet is usually just that).
+_EMOJI_WORDS = str.maketrans({"\U0001f346": " penis ", "\U0001f51e": " nsfw "})
+
+
 def _normalise(text: str) -> str:
     if text.isascii():  # the common case, and NFKC/casefold are no-ops on ASCII beyond lower()
         return text.lower()
+    text = text.translate(_EMOJI_WORDS)
     text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text).casefold())
     return _ACCENTS.sub("", unicodedata.normalize("NFD", text))
 

@@ -22,6 +22,9 @@ def blocked_rule(screen, text, **kwargs):
 
 # (prompt, the rule that must block it outside age-restricted channels, the offending word)
 CAUGHT = [
+    # emoji that stand for a word
+    ("a man with a big \U0001f346", "explicit", "\U0001f346"),
+    ("\U0001f51e art of a woman", "explicit", "\U0001f51e"),
     # spacing and punctuation
     ("a n a k e d woman", "explicit", "naked"),
     ("n-a-k-e-d", "explicit", "naked"),
@@ -125,6 +128,8 @@ CAUGHT = [
 ]
 
 PASSED = [
+    "a peach \U0001f351 on a table",  # a peach is a peach
+    "an eggplant parmesan",
     # the Scunthorpe problem: innocent words that contain terms
     "Scunthorpe United", "the cockpit of a jet", "an assassin in the rain", "Sussex downs",
     "a therapist's office", "a skunk in the garden", "data analysis dashboard",
