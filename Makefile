@@ -20,7 +20,7 @@ install-local: $(PY)
 
 install-test: $(PY)
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e '.[local,nsfw,cloud,discord,dev]'
+	$(PIP) install --quiet -e '.[local,nsfw,cloud,discord,semantic,dev]'
 
 demo: install-local
 	$(VENV)/bin/easel imagine "$(PROMPT)" --seed 42

@@ -161,7 +161,19 @@ def build_prompt_screen(settings: Settings) -> PromptScreen:
         if rules is None
         else [PromptRule(name, tuple(r.terms), r.allow_in_nsfw_channels) for name, r in rules.items()]
     )
-    return PromptScreen(chosen, real_people=tuple(mod.real_people))
+    terms = PromptScreen(chosen, real_people=tuple(mod.real_people))
+    if not mod.semantic:
+        return terms
+    from moderation.semantic import LayeredScreen, SemanticScreen
+
+    try:
+        semantic = SemanticScreen(thresholds=dict(mod.semantic_thresholds))
+    except ValueError as exc:
+        raise ConfigError(f"moderation.semantic_thresholds: {exc}") from None
+    reason = semantic.unavailable_reason()
+    if reason is not None:
+        raise ConfigError(f"moderation.semantic: {reason}")
+    return LayeredScreen(terms, semantic)
 
 
 def build_image_screen(settings: Settings) -> ImageScreen:

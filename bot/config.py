@@ -191,6 +191,12 @@ class ModerationSettings(_Section):
     prompt_rules: dict[Str, PromptRuleSettings] | None = None
     # Names whose likeness is not drawn (the "likeness" rule), e.g. ["Jane Doe"].
     real_people: Strings = ()
+    # A semantic screen after the term rules (needs the semantic extra; ~100 ms a prompt on a
+    # small CPU): a sentence-embedding model compares each prompt with category examples, to
+    # catch paraphrases the lists miss. Thresholds per category override the defaults.
+    semantic: Bool = False
+    semantic_thresholds: dict[Str, Annotated[Number, _rule(lambda v: 0 < v < 1, "must be between 0 and 1")]] = Field(
+        default_factory=dict)
     # The moderation log keeps who, where and why; the prompt text only with this on.
     log_prompts: Bool = False
     # After this many blocked requests within cooldown_window_s, a member waits cooldown_s from
