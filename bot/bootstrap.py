@@ -188,9 +188,12 @@ def build_image_screen(settings: Settings) -> ImageScreen:
         screens.append(NudeNetScreen(threshold=mod.nsfw_threshold, nsfw_channel_policy=mod.nsfw_channels))
     if mod.classifier_model:
         if not mod.classifier_labels:
-            raise ConfigError("moderation.classifier_labels: name the labels to block, e.g. {\"nsfw\" = 0.8}")
-        screens.append(ClassifierScreen(str(_model_path(settings, mod.classifier_model)),
-                                        blocked=dict(mod.classifier_labels)))
+            raise ConfigError('moderation.classifier_labels: name the labels to block, e.g. {"nsfw" = 0.8}')
+        screens.append(
+            ClassifierScreen(
+                str(_model_path(settings, mod.classifier_model)), blocked=dict(mod.classifier_labels)
+            )
+        )
     if mod.safety_checker:
         screens.append(SafetyCheckerScreen(settings.path(mod.safety_checker)))
     if not screens:
