@@ -33,6 +33,19 @@ class InvalidProviderImage(GeneratorError):
     """The provider's output is not a usable image (HTML page, truncated, bomb, wrong size)."""
 
 
+# Providers choose the exact size for an aspect ratio themselves: outputs are checked loosely.
+RATIO_TOLERANCE = 0.02
+
+
+def check_ratio(model: str, request, width: int, height: int) -> None:
+    """Raise InvalidProviderImage when an output's aspect ratio is not the one asked for."""
+    asked, got = request.width / request.height, width / height
+    if abs(got / asked - 1) > RATIO_TOLERANCE:
+        raise InvalidProviderImage(
+            f"{model} made a {width}x{height} image for a {request.width}x{request.height} request"
+        )
+
+
 class ImageDownloadFailed(GeneratorError):
     """The output could not be fetched and retrying will not help (expired URL, too big)."""
 

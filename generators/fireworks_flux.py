@@ -37,7 +37,12 @@ from bot.core.models import (
     TransientGeneratorError,
 )
 from generators.cloud import CloudGenerator, describe_answer, find_model, is_json
-from generators.download import MAX_IMAGE_BYTES, InvalidProviderImage, checked_png, parse_retry_after
+from generators.download import (
+    MAX_IMAGE_BYTES,
+    check_ratio,
+    checked_png,
+    parse_retry_after,
+)
 
 PROVIDER = "fireworks"
 DEFAULT_BASE_URL = "https://api.fireworks.ai/inference/v1"
@@ -56,7 +61,6 @@ FLUX_SIZES: dict[str, tuple[int, int]] = {
     "9:21": (640, 1536),
 }
 ASPECT_RATIO_OF = {size: ratio for ratio, size in FLUX_SIZES.items()}
-RATIO_TOLERANCE = 0.02
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -174,12 +178,7 @@ class FireworksFlux(CloudGenerator):
         except ValueError:
             made_seed = seed
         image = await checked_png(data)
-        asked, got = request.width / request.height, image.width / image.height
-        if abs(got / asked - 1) > RATIO_TOLERANCE:
-            raise InvalidProviderImage(
-                f"{spec.name} made a {image.width}x{image.height} image for a "
-                f"{request.width}x{request.height} request"
-            )
+        check_ratio(spec.name, request, image.width, image.height)
         return GeneratedImage(
             data=image.png,
             width=image.width,

@@ -49,7 +49,7 @@ from bot.core.models import (
     TransientGeneratorError,
 )
 from generators.cloud import CloudGenerator, describe_answer, find_model, is_json
-from generators.download import InvalidProviderImage, checked_png, parse_retry_after
+from generators.download import check_ratio, checked_png, parse_retry_after
 
 PROVIDER = "google"
 VERTEX_BASE_URL_ENV = "GOOGLE_VERTEX_BASE_URL"
@@ -77,7 +77,6 @@ GEMINI_SIZES: dict[str, tuple[int, int]] = {
     "16:9": (1344, 768),
     "21:9": (1536, 672),
 }
-RATIO_TOLERANCE = 0.02  # outputs are checked loosely: the size for a ratio is not guaranteed
 
 _IMAGEN_NOTE = (
     "; seeded images are made without the SynthID watermark (Imagen takes a seed only then); "
@@ -357,12 +356,7 @@ class GoogleImagen(CloudGenerator):
         else:
             data, seed = await self._imagen(spec, request, ratio)
         image = await checked_png(data)
-        asked, got = request.width / request.height, image.width / image.height
-        if abs(got / asked - 1) > RATIO_TOLERANCE:
-            raise InvalidProviderImage(
-                f"{spec.name} made a {image.width}x{image.height} image for a "
-                f"{request.width}x{request.height} request"
-            )
+        check_ratio(spec.name, request, image.width, image.height)
         return GeneratedImage(
             data=image.png,
             width=image.width,

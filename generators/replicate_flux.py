@@ -25,7 +25,7 @@ from bot.core.models import (
     UnsupportedRequest,
 )
 from generators.cloud import CloudGenerator, describe_answer, find_model, is_json
-from generators.download import InvalidProviderImage, fetch_image, parse_retry_after
+from generators.download import InvalidProviderImage, check_ratio, fetch_image, parse_retry_after
 
 if TYPE_CHECKING:
     import httpx
@@ -51,7 +51,6 @@ FLUX_SIZES: dict[str, tuple[int, int]] = {
     "9:21": (640, 1536),
 }
 ASPECT_RATIO_OF = {size: ratio for ratio, size in FLUX_SIZES.items()}
-RATIO_TOLERANCE = 0.02  # outputs are checked loosely: the size for a ratio is not guaranteed
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
@@ -280,12 +279,7 @@ class ReplicateFlux(CloudGenerator):
             raise InvalidProviderImage(f"{spec.name} succeeded on Replicate without an output image")
         image = await fetch_image(url, session=self._http(), timeout_s=self._download_timeout_s)
         if request.kind == "imagine":
-            asked, got = request.width / request.height, image.width / image.height
-            if abs(got / asked - 1) > RATIO_TOLERANCE:
-                raise InvalidProviderImage(
-                    f"{spec.name} made a {image.width}x{image.height} image for a "
-                    f"{request.width}x{request.height} request"
-                )
+            check_ratio(spec.name, request, image.width, image.height)
         return GeneratedImage(
             data=image.png,
             width=image.width,
