@@ -21,12 +21,15 @@ class ModerationLog:
                 tuple(getattr(event, c) for c in _COLUMNS),
             )
 
-    def recent(self, *, user_id: str | None = None, limit: int = 50) -> list[ModerationEvent]:
+    def recent(
+        self, *, user_id: str | None = None, guild_id: str | None = None, limit: int = 50
+    ) -> list[ModerationEvent]:
+        where = {"user_id": user_id, "guild_id": guild_id}
+        clauses = [f"{column} = ?" for column, value in where.items() if value is not None]
+        params = tuple(value for value in where.values() if value is not None)
         sql = f"SELECT {', '.join(_COLUMNS)} FROM moderation_events"
-        params: tuple = ()
-        if user_id is not None:
-            sql += " WHERE user_id = ?"
-            params = (user_id,)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
         rows = self.db.query(sql + " ORDER BY created_at DESC, id DESC LIMIT ?", params + (limit,))
         return [ModerationEvent(**dict(zip(_COLUMNS, row, strict=True))) for row in rows]
 

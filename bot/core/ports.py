@@ -156,7 +156,11 @@ class ImageScreen(Protocol):
 class ModerationLog(Protocol):
     def record(self, event: ModerationEvent) -> None: ...
 
-    def recent(self, *, user_id: str | None = None, limit: int = 50) -> list[ModerationEvent]: ...
+    def recent(
+        self, *, user_id: str | None = None, guild_id: str | None = None, limit: int = 50
+    ) -> list[ModerationEvent]:
+        """Newest first; `guild_id` limits them to one guild's."""
+        ...
 
     def counts(self, since: float) -> dict[str, int]:
         """Blocks per rule since `since`."""

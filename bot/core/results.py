@@ -16,16 +16,12 @@ class Results:
     ):
         self.jobs, self.blobs, self.screening, self.moderation = jobs, blobs, screening, moderation
 
-    async def moderation_log(self, guild_id: str | None, limit: int = 20) -> list[ModerationEvent]:
-        """Recent blocks in a guild (a DM's, with None), newest first."""
-        if self.moderation is None:
-            return []
+    async def moderation_log(self, guild_id: str, limit: int = 20) -> list[ModerationEvent]:
+        """Recent blocks in a guild, newest first."""
         log = self.moderation
-
-        def read() -> list[ModerationEvent]:
-            return [e for e in log.recent(limit=max(limit * 10, 200)) if e.guild_id == guild_id][:limit]
-
-        return await asyncio.to_thread(read)
+        if log is None:
+            return []
+        return await asyncio.to_thread(lambda: log.recent(guild_id=guild_id, limit=limit))
 
     async def job(self, job_id: int) -> JobRecord | None:
         return await asyncio.to_thread(self.jobs.get, job_id)
