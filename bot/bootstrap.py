@@ -278,21 +278,22 @@ def policy_from(settings: Settings) -> Policy:
     )
 
 
-def build_enhancer(settings: Settings) -> PromptEnhancer | None:
-    """The chat model that expands prompts, when [enhance] names one."""
+def build_enhancer(settings: Settings, policy: Policy) -> Enhancer:
+    """The enhancement step, with the chat model that expands prompts when [enhance] names one."""
     e = settings.enhance
-    if not e.model:
-        return None
-    from generators.enhance import ChatEnhancer
+    chat: PromptEnhancer | None = None
+    if e.model:
+        from generators.enhance import ChatEnhancer
 
-    return ChatEnhancer(
-        model=e.model,
-        api_key=e.api_key(),
-        base_url=e.base_url or None,
-        timeout_s=e.timeout_s,
-        max_tokens=e.max_tokens,
-        price_per_1k_tokens_usd=e.price_per_1k_tokens_usd,
-    )
+        chat = ChatEnhancer(
+            model=e.model,
+            api_key=e.api_key(),
+            base_url=e.base_url or None,
+            timeout_s=e.timeout_s,
+            max_tokens=e.max_tokens,
+            price_per_1k_tokens_usd=e.price_per_1k_tokens_usd,
+        )
+    return Enhancer(chat, on_failure=e.on_failure, max_prompt_chars=policy.max_prompt_chars)
 
 
 def review_store(settings: Settings) -> LocalBlobStore | None:
@@ -360,11 +361,7 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         blobs=blobs,
         codec=codec,
         owner=this_process(),
-        enhancer=Enhancer(
-            build_enhancer(settings),
-            on_failure=settings.enhance.on_failure,
-            max_prompt_chars=policy.max_prompt_chars,
-        ),
+        enhancer=build_enhancer(settings, policy),
         observer=metrics,
         moderation=moderation,
         clock=clock,

@@ -41,10 +41,12 @@ class Records:
         policy: Policy,
         moderation: ModerationLog | None = None,
         clock: Clock | None = None,
+        review: BlobStore | None = None,
     ):
         self.jobs, self.blobs, self.codec, self.owner, self.observer = jobs, blobs, codec, owner, observer
         self.policy, self.moderation = policy, moderation
         self.clock = clock or _SystemClock()
+        self.review = review  # blocked outputs kept for admins, where no public server reaches them
 
     def cooldown_started(self, user_id: str) -> ModerationEvent | None:
         """The block that has just put this member into a cool-down (the one that reached the
@@ -108,6 +110,11 @@ class Records:
             kept["mask_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.mask_image)).key
         if kept:
             await asyncio.to_thread(self.jobs.update, job.id, **kept)
+
+    async def keep_for_review(self, blocked: Blocked, result: GeneratedImage) -> None:
+        """With moderation.keep_blocked_outputs: the blocked image, kept for the moderation log."""
+        if self.review is not None:
+            blocked.review_sha256 = (await asyncio.to_thread(self.review.put, result.data)).key
 
     async def store(self, result: GeneratedImage, checked: DecodedImage) -> StoredBlob:
         data = result.data if result.format == "png" else await asyncio.to_thread(self.codec.to_png, checked)

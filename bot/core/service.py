@@ -69,8 +69,7 @@ class EaselService:
         self.admission, self.router, self.jobs, self.blobs = admission, router, jobs, blobs
         self.codec, self.owner = codec, owner
         self.observer: Observer = observer or NoObserver()
-        self.review = review
-        self.records = Records(jobs, blobs, codec, owner, self.observer, policy, moderation, clock)
+        self.records = Records(jobs, blobs, codec, owner, self.observer, policy, moderation, clock, review)
         self.enhancer = enhancer or Enhancer(
             None, on_failure="original", max_prompt_chars=policy.max_prompt_chars
         )
@@ -229,7 +228,7 @@ class EaselService:
                         job, plan, self.billing.estimate_micros(plan) + allowance, group
                     )
                 if enhance:
-                    plan = await self._enhance(request, plan, watch, done)
+                    plan = await _enhance(self.enhancer, self.screening, request, plan, watch, done)
                 queued = time.perf_counter()
                 # The slot limits calls to the generator, not the work on their results.
                 async with self.admission.slot(plan.route.spec.provider, job.id, job.user_id, on_event):
@@ -271,8 +270,7 @@ class EaselService:
         with watch("screen_image"):
             blocked = await self.screening.output_blocked(checked, nsfw)
         if isinstance(blocked, Blocked):
-            if self.review is not None:  # kept where no public server reaches it, for admins to review
-                blocked.review_sha256 = (await asyncio.to_thread(self.review.put, result.data)).key
+            await self.records.keep_for_review(blocked, result)
             return Ending(
                 JobStatus.BLOCKED,
                 ErrorCode.BLOCKED,
@@ -293,14 +291,21 @@ class EaselService:
             spoiler=blocked is True,
         )
 
-    async def _enhance(
-        self, request: JobRequest, plan: Plan, watch: _Stopwatch, done: list[Enhancement]
-    ) -> Plan:
-        with watch("enhance"):
-            done.append(await self.enhancer.apply(plan))
-        with watch("screen_enhanced"):  # the enhancer cannot smuggle content past the screen
-            await self.screening.screen_request(request, done[0].plan.request)
-        return done[0].plan
+
+async def _enhance(
+    enhancer: Enhancer,
+    screening: Screening,
+    request: JobRequest,
+    plan: Plan,
+    watch: _Stopwatch,
+    done: list[Enhancement],
+) -> Plan:
+    """The enhancement step: the prompt expanded, then screened again."""
+    with watch("enhance"):
+        done.append(await enhancer.apply(plan))
+    with watch("screen_enhanced"):  # the enhancer cannot smuggle content past the screen
+        await screening.screen_request(request, done[0].plan.request)
+    return done[0].plan
 
 
 def _enhanced(ending: Ending, done: list[Enhancement]) -> Ending:
