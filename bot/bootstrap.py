@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from bot.core.accounts import Accounts
 from bot.core.admission import Admission
 from bot.core.billing import Billing
+from bot.core.budgets import Budgets
 from bot.core.enhancing import Enhancer
 from bot.core.models import usd_to_micros
+from bot.core.money import Money, Terms
 from bot.core.negatives import BUILTIN as BUILTIN_NEGATIVES
 from bot.core.planning import Planner
 from bot.core.policy import Policy
@@ -24,12 +26,14 @@ from bot.core.screening import Screening
 from bot.core.service import EaselService
 from generators.images import PillowCodec
 from storage.blobs import LocalBlobStore
+from storage.budget_rules import BudgetRules
 from storage.db import Database
 from storage.errors import StorageError
 from storage.jobs import JobStore
 from storage.ledger import Ledger
 from storage.moderation_log import ModerationLog
 from storage.preferences import Preferences
+from storage.s3 import S3BlobStore
 
 from .config import GENERATORS, ConfigError, Settings, queue_limits
 from .metrics import Metrics
@@ -63,6 +67,7 @@ class App:
     screening: Screening
     service: EaselService
     accounts: Accounts
+    budgets: Budgets
     results: Results
     clock: Clock
     metrics: Metrics
@@ -102,8 +107,9 @@ class App:
         policy = policy_from(new)
         service = self.service
         service.policy = service.planner.policy = service.billing.policy = self.accounts.policy = policy
+        self.budgets.policy = self.metrics.policy = policy
         service.admission.max_requests_per_user = policy.max_requests_per_user
-        self.ledger.default_allowance_micros = usd_to_micros(new.budget.default_allowance_usd)
+        self.ledger.terms = terms_from(new)
         self.screening.prompts = build_prompt_screen(new)
         if any(key.startswith(("generators.", "routing.")) for key in changed):
             self._swap_router(new)
@@ -252,6 +258,11 @@ def build_router(
     )
 
 
+def terms_from(settings: Settings) -> Terms:
+    b = settings.budget
+    return Terms(b.period, usd_to_micros(b.default_allowance_usd), usd_to_micros(b.carry_over_cap_usd))
+
+
 def policy_from(settings: Settings) -> Policy:
     gen, budget = settings.generation, settings.budget
     return Policy(
@@ -266,6 +277,11 @@ def policy_from(settings: Settings) -> Policy:
         blocked_outputs_are_paid=settings.moderation.blocked_outputs_are_paid,
         daily_spend_cap_micros=usd_to_micros(budget.daily_spend_cap_usd),
         budget_period=budget.period,
+        user_images_per_hour=budget.user_images_per_hour,
+        guild_images_per_hour=budget.guild_images_per_hour,
+        guild_cap_micros=usd_to_micros(budget.guild_cap_usd),
+        free_images_per_period=budget.free_local_images,
+        money=Money(usd_to_micros(budget.credit_usd)),
         tip_under_words=settings.prompts.tip_under_words,
         log_prompts=settings.moderation.log_prompts,
         cooldown_after=settings.moderation.cooldown_after,
@@ -314,18 +330,40 @@ def review_store(settings: Settings) -> LocalBlobStore | None:
     return store
 
 
-def open_storage(settings: Settings) -> tuple[Database, LocalBlobStore]:
-    """The database and the images folder, checked now: a problem with either is one line that
-    names the setting and the settings file (a ConfigError), not a traceback mid-job."""
+def open_storage(
+    settings: Settings, *, backend: str | None = None
+) -> tuple[Database, LocalBlobStore | S3BlobStore]:
+    """The database and the blob store (`storage.backend`, or `backend`: "local" or "s3"),
+    checked now: a problem with either is one line that names the setting and the settings file
+    (a ConfigError), not a traceback mid-job. An S3 store owns a thread: `close()` it."""
     where = settings.source or "built-in defaults"
-    blobs = LocalBlobStore(settings.path(settings.storage.images_dir), settings.storage.public_url)
+    st = settings.storage
+    blobs: LocalBlobStore | S3BlobStore
+    if (backend or st.backend) == "s3":
+        if not st.s3.bucket.strip():
+            raise ConfigError(f"storage.s3.bucket (from {where}): name the bucket to store images in")
+        setting = "storage.s3"
+        try:
+            blobs = S3BlobStore(
+                st.s3.bucket.strip(), prefix=st.s3.prefix, region=st.s3.region, endpoint_url=st.s3.endpoint_url,
+                public_base_url=st.s3.public_base_url, presign_ttl_s=st.s3.presign_ttl_s,
+            )
+        except StorageError as exc:
+            raise ConfigError(f"{setting} (from {where}): {exc}") from None
+    else:
+        setting = "storage.images_dir"
+        blobs = LocalBlobStore(settings.path(st.images_dir), st.public_url)
     try:
         blobs.check_writable()
     except StorageError as exc:
-        raise ConfigError(f"storage.images_dir (from {where}): {exc}") from None
+        if isinstance(blobs, S3BlobStore):
+            blobs.close()
+        raise ConfigError(f"{setting} (from {where}): {exc}") from None
     try:
-        return Database(settings.path(settings.storage.database)), blobs
+        return Database(settings.path(st.database)), blobs
     except StorageError as exc:
+        if isinstance(blobs, S3BlobStore):
+            blobs.close()
         raise ConfigError(f"storage.database (from {where}): {exc}") from None
 
 
@@ -334,11 +372,11 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
     policy = policy_from(settings)
     clock = overrides.clock
     db, blobs = open_storage(settings)
-    ledger = Ledger(db, usd_to_micros(settings.budget.default_allowance_usd))
+    ledger = Ledger(db, terms_from(settings), clock.time)
     jobs = JobStore(db)
     preferences = Preferences(db)
     generators = build_generators(settings) if overrides.generators is None else overrides.generators
-    metrics = Metrics()
+    metrics = Metrics(policy)
     moderation = ModerationLog(db)
     router = build_router(settings, generators, on_failure=metrics.provider_failed)
     codec = PillowCodec()
@@ -352,7 +390,7 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         policy=policy,
         planner=Planner(policy, router, jobs, blobs, codec, preferences),
         screening=screening,
-        billing=Billing(policy, router, db, ledger, jobs, preferences, clock),
+        billing=Billing(policy, router, db, ledger, jobs, preferences, clock, metrics),
         admission=Admission(
             {**queue_limits(settings), **overrides.queue_limits}, policy.max_requests_per_user
         ),
@@ -368,7 +406,6 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         review=review_store(settings),
     )
     metrics.watch(service.admission.load, lambda: {p: b.state for p, b in service.router.breakers.items()})
-    accounts = Accounts(policy, ledger, jobs, preferences, router, clock)
     return App(
         settings,
         db,
@@ -379,7 +416,8 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         router,
         screening,
         service,
-        accounts,
+        Accounts(policy, preferences, router, clock),
+        Budgets(policy, ledger, BudgetRules(db), jobs, preferences, clock),
         Results(jobs, blobs, screening, moderation),
         clock,
         metrics,

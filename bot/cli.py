@@ -178,13 +178,9 @@ def _other_parsers(sub) -> None:
     p.add_argument("--limit", type=_limit, default=20, help="how many (1-1000)")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("budget", help="show, set or grant a user's budget; report spending")
-    p.add_argument("action", choices=["show", "set", "grant", "report"])
-    p.add_argument("user", type=_user, nargs="?", help="the user (show, set, grant; not report)")
-    p.add_argument("amount", type=_usd, nargs="?", help="USD (set, grant)")
-    p.add_argument("--period", choices=["day", "week", "month"],
-                   help="report: the period spending is counted over (default: budget.period)")
-    p.add_argument("--json", action="store_true", help="report: print one JSON object")
+    from . import cli_budget
+
+    cli_budget.add_parser(sub)
 
     sub.add_parser("models", help="list the models that can be used, and why others cannot")
     sub.add_parser("check", help="validate the settings and report which generators are usable")
@@ -331,7 +327,12 @@ async def _run_job(settings, request, *, as_json: bool) -> int:
         print(f"url:   {job.image_url}")
     else:
         where = f"job {outcome.job.id} " if outcome.job else ""
-        print(f"easel: {where}{outcome.status}: {_printable(outcome.error)}", file=sys.stderr)
+        lifts = ""
+        if outcome.retry_at:
+            from datetime import UTC, datetime
+
+            lifts = f" (until {datetime.fromtimestamp(outcome.retry_at, UTC):%Y-%m-%d %H:%M} UTC)"
+        print(f"easel: {where}{outcome.status}: {_printable(outcome.error)}{lifts}", file=sys.stderr)
     return exit_status(outcome)
 
 
@@ -342,7 +343,8 @@ def exit_status(outcome) -> int:
         return EXIT_OK
     return {ErrorCode.USAGE: EXIT_USAGE, ErrorCode.NOT_FOUND: EXIT_USAGE, ErrorCode.FORBIDDEN: EXIT_USAGE,
             ErrorCode.BLOCKED: EXIT_BLOCKED, ErrorCode.OVER_BUDGET: EXIT_OVER_BUDGET,
-            ErrorCode.SPEND_CAP: EXIT_OVER_BUDGET}.get(outcome.error_code, EXIT_FAILED)
+            ErrorCode.SPEND_CAP: EXIT_OVER_BUDGET, ErrorCode.RATE_LIMITED: EXIT_OVER_BUDGET,
+            ErrorCode.SUSPENDED: EXIT_OVER_BUDGET, ErrorCode.BUSY: EXIT_OVER_BUDGET}.get(outcome.error_code, EXIT_FAILED)
 
 
 class ProgressBar:
@@ -528,93 +530,9 @@ def _job_dict(job) -> dict:
 
 
 def _budget(settings, args) -> int:
-    from .core.models import Refusal, usd_to_micros
+    from . import cli_budget
 
-    if args.action == "report":
-        if args.user is not None:
-            return _fail("budget report covers every user; it takes no user (see --period)", EXIT_USAGE)
-        return _budget_report(settings, args)
-    if args.user is None:
-        return _fail(f"budget {args.action} needs a user", EXIT_USAGE)
-    if args.period is not None or args.json:
-        return _fail("--period and --json are for budget report", EXIT_USAGE)
-    actor = f"cli:{os.environ.get('USER', '?')}"
-
-    async def act():
-        app = _app(settings)
-        try:
-            if args.action == "set":
-                return await app.accounts.set_balance(args.user, usd_to_micros(args.amount), actor)
-            if args.action == "grant":
-                return await app.accounts.grant(args.user, usd_to_micros(args.amount), actor)
-            return (await app.accounts.usage(args.user)).balance
-        finally:
-            await app.close()
-
-    if args.action != "show" and args.amount is None:
-        return _fail(f"budget {args.action} needs an amount in USD", EXIT_USAGE)
-    try:
-        b = asyncio.run(act())
-    except Refusal as exc:
-        return _fail(str(exc), EXIT_USAGE)
-    if hasattr(b, "describe"):  # a set or a grant says what it did
-        print(f"{args.user}: {b.describe()}")
-    print(f"{args.user}: balance ${b.balance_micros / 1e6:.4f}, held for running jobs "
-          f"${b.reserved_micros / 1e6:.4f}, available ${b.available_micros / 1e6:.4f}")
-    return EXIT_OK
-
-
-def _budget_report(settings, args) -> int:
-    """Spending over the period, by user (the top spenders) and by provider: a table on a
-    terminal, plain lines when piped, one JSON object with --json."""
-    from datetime import UTC, datetime
-
-    from .core.models import period_start
-
-    async def read():
-        app = _app(settings)
-        try:
-            return await app.accounts.report(None, args.period), app.clock.time()
-        finally:
-            await app.close()
-
-    report, now = asyncio.run(read())
-    since = datetime.fromtimestamp(period_start(report.period, now), UTC).isoformat(timespec="seconds")
-    top = [(str(user), int(micros or 0)) for user, micros in report.top]
-    providers = sorted(((str(p or "-"), int(m or 0)) for p, m in report.by_provider.items()),
-                       key=lambda item: (-item[1], item[0]))
-    total = sum(m for _, m in providers)
-    if args.json:
-        print(json.dumps({
-            "period": report.period, "since": since, "total_usd": total / 1e6,
-            "top": [{"user_id": u, "spent_usd": m / 1e6, "spent_micros": m} for u, m in top],
-            "by_provider": [{"provider": p, "spent_usd": m / 1e6, "spent_micros": m} for p, m in providers],
-            "guild_cap_usd": None if report.guild_cap_micros is None else report.guild_cap_micros / 1e6,
-        }))
-        return EXIT_OK
-    if not _is_terminal(sys.stdout):
-        print(f"period {report.period} since {since}: total ${total / 1e6:.4f}")
-        for user, micros in top:
-            print(f"user     {_printable(user):<24} ${micros / 1e6:.4f}")
-        for provider, micros in providers:
-            print(f"provider {_printable(provider):<24} ${micros / 1e6:.4f}")
-        return EXIT_OK
-    from rich.table import Table
-    from rich.text import Text
-
-    console = _console(sys.stdout)
-    console.print(Text.assemble(("spending this ", ""), (report.period, "bold"), f" (since {since}): ",
-                                (f"${total / 1e6:.4f}", "bold")))
-    for title, column, rows in (("top spenders", "user", top), ("by provider", "provider", providers)):
-        table = Table(title=title, header_style="bold", title_justify="left")
-        table.add_column(column)
-        table.add_column("spent", justify="right")
-        for name, micros in rows:
-            table.add_row(Text(_printable(name)), Text(f"${micros / 1e6:.4f}"))
-        if not rows:
-            table.add_row(Text("nothing spent", style="dim"), Text(""))
-        console.print(table)
-    return EXIT_OK
+    return cli_budget.run(settings, args)
 
 
 def _models(settings, args) -> int:
@@ -814,6 +732,8 @@ def _doctor_generators(settings):
         elif name in built:
             models = sorted(s.name for s in built[name].models())
             out.append((OK, label, f"usable: {len(models)} model{'s' * (len(models) != 1)} ({', '.join(models)}){key}", ""))
+        elif key_env is None:  # a self-hosted server's generator (ComfyUI, A1111) with no servers listed
+            out.append((SKIP, label, f"not set up (list generators.{name}.servers to use it)", ""))
         elif name in in_file:  # set up in the settings, but its key is not in the environment
             out.append((FAIL, label, f"enabled in the settings, but ${key_env} is not set",
                         f"put {key_env}=<key> in the environment (for systemd: /etc/easel/env), "

@@ -102,6 +102,31 @@ class _Section(BaseModel):
 # --- sections ---------------------------------------------------------------------------------
 
 
+class S3Settings(_Section):
+    """`[storage.s3]`: any S3-compatible bucket (AWS S3, Cloudflare R2, MinIO, Backblaze B2).
+    Credentials are no settings: boto3 reads them from the environment (AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bucket: Str = ""
+    # Objects go to <prefix>/<ab>/<sha256>.png; empty: at the bucket's top.
+    prefix: Annotated[Str, _rule(lambda v: ".." not in v.split("/"), "cannot contain '..'")] = "images"
+    region: Str = ""  # empty: boto3's own (AWS_REGION, AWS_DEFAULT_REGION, ~/.aws/config)
+    # Empty: AWS S3 itself; else the service's endpoint, e.g. https://<account>.r2.cloudflarestorage.com.
+    endpoint_url: Annotated[Str, _rule(lambda v: not v or v.startswith(_HTTP), "must start with http:// or https://")] = ""
+    # A CDN or public bucket address in front of the objects (URL = base + "/" + object name);
+    # empty: presigned GETs, made afresh whenever a URL is shown, valid for presign_ttl_s.
+    public_base_url: Annotated[Str, _rule(lambda v: not v or v.startswith(_HTTP), "must start with http:// or https://")] = ""
+    presign_ttl_s: Annotated[Int, _rule(lambda v: 60 <= v <= 604800, "must be 60-604800 (seconds; 7 days at most)")] = 3600
+
+
+def _s3_for_backend(s3: S3Settings, info: Any) -> S3Settings:
+    if info.data.get("backend") == "s3" and not s3.bucket.strip():
+        raise PydanticCustomError(_RULE, 'needs a bucket when storage.backend is "s3": set storage.s3.bucket')
+    return s3
+
+
 class StorageSettings(_Section):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -111,6 +136,10 @@ class StorageSettings(_Section):
     public_url: Annotated[Str, _rule(lambda v: v.startswith(_HTTP), "must start with http:// or https://")] = (
         "http://127.0.0.1:8080"
     )
+    # Where images are kept: "local" (images_dir, served by `easel serve`) or "s3" ([storage.s3]).
+    backend: Annotated[Str, _one_of("local", "s3", message='must be "local" or "s3"')] = "local"
+    s3: Annotated[S3Settings, AfterValidator(_s3_for_backend)] = Field(
+        default_factory=S3Settings, validate_default=True)
 
 
 class ServerSettings(_Section):
@@ -149,12 +178,26 @@ def _is_term(term: str) -> bool:
 class BudgetSettings(_Section):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # What a new user's balance starts at.
+    # Each member's allowance per period; it refills at each period boundary (admins can set
+    # one per role and per member, and grant credit on top, which never lapses).
     default_allowance_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 1.0
+    # The period allowances refill over, and spend reports and guild caps count over: day, week
+    # or month (UTC).
+    period: Annotated[Str, _one_of("day", "week", "month", message="must be day, week or month")] = "month"
+    # How much unspent allowance carries over into the next period; 0 = it lapses.
+    carry_over_cap_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 0.0
     # Stops all paid (cloud) generation once this much was spent today (UTC); 0 = no cap.
     daily_spend_cap_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 0.0
-    # The period that spend reports and guild caps count over: day, week or month (UTC).
-    period: Annotated[Str, _one_of("day", "week", "month", message="must be day, week or month")] = "month"
+    # A guild's spending cap per period, where its admins set none (/budget guild-cap); 0 = none.
+    guild_cap_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 0.0
+    # Images per rolling hour, per member and per guild; 0 = no limit.
+    user_images_per_hour: Annotated[Int, _rule(lambda v: 0 <= v <= 100_000, "must be 0-100000")] = 0
+    guild_images_per_hour: Annotated[Int, _rule(lambda v: 0 <= v <= 1_000_000, "must be 0-1000000")] = 0
+    # Local images free but counted: this many per member and period (0 = they cost money like
+    # any other, at generators.local.price_per_second_usd).
+    free_local_images: Annotated[Int, _rule(lambda v: 0 <= v <= 1_000_000, "must be 0-1000000")] = 0
+    # Show amounts as credits of this many USD each (e.g. 0.01); 0 = show dollars.
+    credit_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 0.0
 
 
 class PromptRuleSettings(_Section):
@@ -361,6 +404,61 @@ class FireworksSettings(CloudGeneratorSettings):
     timeout_s: Seconds = 60.0
 
 
+_SERVERS = _rule(lambda v: all(u.startswith(_HTTP) for u in v), "must be http:// or https:// URLs")
+
+
+class ComfyUISettings(_Section):
+    """ComfyUI servers running workflows exported in API format; off until servers are listed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: Bool = True
+    servers: Annotated[Strings, _SERVERS] = ()  # e.g. ["http://gpu1:8188", "http://gpu2:8188"]
+    # model name -> a workflow file in API format, with "$prompt", "$seed"... placeholders.
+    workflows: dict[Str, Str] = Field(default_factory=dict)
+    price_per_image_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 0.0
+    timeout_s: Seconds = 300.0
+    max_concurrent: Concurrency = 4  # jobs at once over all its servers
+
+    def generator_kwargs(self, settings: Settings) -> dict[str, Any] | None:
+        """Keyword arguments for ComfyUI, or None when it is disabled or has no servers."""
+        if not self.enabled or not self.servers:
+            return None
+        return {
+            "servers": list(self.servers),
+            "workflows": {name: str(settings.path(path)) for name, path in self.workflows.items()},
+            "price_per_image_usd": self.price_per_image_usd,
+            "timeout_s": self.timeout_s,
+        }
+
+
+class A1111Settings(_Section):
+    """AUTOMATIC1111 / SD.Next / Forge servers started with --api; off until servers are listed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: Bool = True
+    servers: Annotated[Strings, _SERVERS] = ()  # e.g. ["http://gpu1:7860"]
+    # Checkpoints offered (model_name or title); empty: every checkpoint the servers list.
+    models: Strings = ()
+    sampler: Str = ""  # the sampler when a request names none; empty: the server's default
+    price_per_image_usd: Annotated[Number, _NOT_NEGATIVE, _AT_MOST_A_MILLION] = 0.0
+    timeout_s: Seconds = 300.0
+    max_concurrent: Concurrency = 2  # jobs at once over all its servers
+
+    def generator_kwargs(self, settings: Settings) -> dict[str, Any] | None:
+        """Keyword arguments for Automatic1111, or None when it is disabled or has no servers."""
+        if not self.enabled or not self.servers:
+            return None
+        return {
+            "servers": list(self.servers),
+            "models": list(self.models) or None,
+            "sampler": self.sampler,
+            "price_per_image_usd": self.price_per_image_usd,
+            "timeout_s": self.timeout_s,
+        }
+
+
 @dataclass(frozen=True)
 class GeneratorEntry:
     """One generator: its `[generators.<name>]` table (and provider name), its class as
@@ -388,6 +486,8 @@ GENERATORS: tuple[GeneratorEntry, ...] = (
     GeneratorEntry("together", "generators.together_flux:TogetherFlux", TogetherSettings),
     GeneratorEntry("google", "generators.google_imagen:GoogleImagen", GoogleSettings),
     GeneratorEntry("fireworks", "generators.fireworks_flux:FireworksFlux", FireworksSettings),
+    GeneratorEntry("comfyui", "generators.comfyui:ComfyUI", ComfyUISettings),
+    GeneratorEntry("a1111", "generators.a1111:Automatic1111", A1111Settings),
 )
 
 # [generators]: one field per registry entry, each defaulting to its section's defaults.
@@ -526,6 +626,24 @@ class EnhanceSettings(_Section):
         return os.environ.get(self.api_key_env) or None
 
 
+class ProvenanceSettings(_Section):
+    """C2PA signing of every stored image (the provenance extra): a PEM certificate chain (the
+    leaf first) and its private key. Both empty: images carry their metadata but no signature."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cert_chain: Str = ""
+    private_key: Str = ""
+
+    def provenance_kwargs(self, settings: Settings) -> dict[str, Any]:
+        """Keyword arguments for storage.provenance.Provenance: the paths resolved against the
+        settings file's folder; None where not set."""
+        return {
+            "cert_chain": settings.path(self.cert_chain) if self.cert_chain else None,
+            "private_key": settings.path(self.private_key) if self.private_key else None,
+        }
+
+
 class Settings(BaseSettings):
     """All settings. Precedence: init values (settings_from_dict) > EASEL_* variables > the file
     (load_settings) > defaults."""
@@ -545,6 +663,7 @@ class Settings(BaseSettings):
     prompts: PromptsSettings = Field(default_factory=PromptsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     enhance: EnhanceSettings = Field(default_factory=EnhanceSettings)
+    provenance: ProvenanceSettings = Field(default_factory=ProvenanceSettings)
 
     # Where the settings came from (None: built-in defaults) and what relative paths resolve to;
     # set by load_settings, never by the file.

@@ -1,5 +1,6 @@
 """easel's HTTP server: the stored images (storage.server), /healthz (the process is up),
-/readyz (it can do its work, with a JSON body that says what is wrong) and /metrics."""
+/readyz (it can do its work, with a JSON body that says what is wrong), /metrics, and the
+gallery's pages (bot.gallery)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +11,7 @@ from aiohttp import web
 from storage.server import make_image_app
 
 from .bootstrap import App
+from .gallery import add_gallery_routes
 from .metrics import CONTENT_TYPE
 
 
@@ -31,6 +33,7 @@ def make_http_app(app: App, *, discord_ready: Callable[[], bool] | None = None) 
 
     http.router.add_get("/metrics", metrics)
     http.router.add_get("/readyz", ready)
+    add_gallery_routes(http, app)
     return http
 
 

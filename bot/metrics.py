@@ -3,6 +3,7 @@ statuses, providers, models and moderation categories, never user ids. Each App 
 registry, so that two apps in one process (tests, benchmarks) count apart."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -11,6 +12,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .core.models import JobRecord
+from .core.money import Money, SpendAlert
+
+log = logging.getLogger("easel.budget")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -20,7 +24,8 @@ FAST_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 class Metrics:
     """The core's Observer, counting into a prometheus registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: Any = None) -> None:
+        self.policy = policy  # how amounts are shown (policy.money), in alert logs
         self.registry = CollectorRegistry()
         r = self.registry
         self.jobs = Counter("easel_jobs", "Jobs finished", ["kind", "status", "provider", "model"], registry=r)
@@ -36,6 +41,10 @@ class Metrics:
         self.blocks = Counter("easel_moderation_blocks", "Moderation blocks", ["stage", "category"], registry=r)
         self.image_screen = Histogram("easel_image_screen_seconds", "Screening one output image",
                                       buckets=FAST_SECONDS, registry=r)
+        self.alerts = Counter("easel_spend_alerts", "Spend alerts (a cap's 50, 80, 100%)", ["cap", "threshold"],
+                              registry=r)
+        # Called with each spend alert, from a worker thread (the Discord bot posts them).
+        self.alert_listeners: list[Callable[[SpendAlert], None]] = []
 
     # ---- the core's Observer -------------------------------------------------------------------
 
@@ -56,6 +65,15 @@ class Metrics:
 
     def blocked(self, stage: str, category: str) -> None:
         self.blocks.labels(stage, category).inc()
+
+    def spend_alert(self, alert: SpendAlert) -> None:
+        self.alerts.labels("daily" if alert.cap == "daily" else "guild", str(alert.threshold)).inc()
+        log.warning("%s", alert.describe(getattr(self.policy, "money", None) or Money()))
+        for listener in list(self.alert_listeners):
+            try:
+                listener(alert)
+            except Exception:  # a listener's failure must not fail the job that was charged
+                log.exception("a spend alert listener failed")
 
     # ---- the live state ---------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from bot.core.models import StoredBlob
 
@@ -17,6 +19,21 @@ CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 
 def is_key(key: str) -> bool:
     return bool(_KEY.match(key))
+
+
+class BlobInfo(NamedTuple):
+    """One stored object, as a store lists it (`keys()`)."""
+
+    key: str
+    ext: str
+    size: int
+    modified: float  # seconds since the epoch
+
+
+def parse_name(name: str) -> tuple[str, str] | None:
+    """(key, ext) of a stored object's file name, `<sha256>.<ext>`; None for anything else."""
+    key, dot, ext = name.partition(".")
+    return (key, ext) if dot and is_key(key) and ext in CONTENT_TYPES else None
 
 
 class LocalBlobStore:
@@ -49,6 +66,10 @@ class LocalBlobStore:
     def url_for(self, key: str, ext: str = "png") -> str:
         return f"{self.public_url}/images/{key}.{ext}"
 
+    def location(self, key: str, ext: str = "png") -> str:
+        """What a job's row records as its image's place: here, the served URL."""
+        return self.url_for(key, ext)
+
     def put(self, data: bytes, ext: str = "png") -> StoredBlob:
         """Store `data` (idempotent: the same bytes land at the same key once)."""
         key = hashlib.sha256(data).hexdigest()
@@ -73,3 +94,28 @@ class LocalBlobStore:
 
     def exists(self, key: str, ext: str = "png") -> bool:
         return self.path_for(key, ext).exists()
+
+    def keys(self) -> Iterator[BlobInfo]:
+        """Every stored object (temporary and probe files are no objects)."""
+        if not self.root.is_dir():
+            return
+        for folder in sorted(self.root.iterdir()):
+            if len(folder.name) != 2 or not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                parsed = parse_name(path.name)
+                if parsed is None or parsed[0][:2] != folder.name:
+                    continue
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # removed meanwhile
+                    continue
+                yield BlobInfo(parsed[0], parsed[1], st.st_size, st.st_mtime)
+
+    def delete(self, key: str, ext: str = "png") -> bool:
+        """Remove an object; False when it was not there."""
+        try:
+            self.path_for(key, ext).unlink()
+        except FileNotFoundError:
+            return False
+        return True

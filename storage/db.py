@@ -161,6 +161,69 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN spoiler INTEGER NOT NULL DEFAULT 0;
     """,
+    # 10: the gallery: an image an admin hid, or its requester deleted, is listed no more;
+    # indexes for a guild's recent public images and for the variations of an image.
+    """
+    ALTER TABLE jobs ADD COLUMN hidden_at REAL;
+    ALTER TABLE jobs ADD COLUMN hidden_by TEXT;
+    ALTER TABLE jobs ADD COLUMN deleted_at REAL;
+    CREATE INDEX jobs_guild_public ON jobs(guild_id, public, id);
+    CREATE INDEX jobs_source ON jobs(source_job_id);
+    """,
+    # 11: budgets that refill. An account's balance is its allowance for the period (refilled
+    # lazily at each boundary, its unspent part lapsing or carrying over) plus credit from grants;
+    # blocks; allowances per role and member; exemptions; every movement an entry (held money
+    # too); spend alerts claimed once. Balances from before become credit, which never lapses,
+    # and one opening entry per account makes its entries sum to its balance and what it holds.
+    """
+    ALTER TABLE accounts ADD COLUMN allowance_micros INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN period_start REAL NOT NULL DEFAULT 0;
+    ALTER TABLE accounts ADD COLUMN blocked_at REAL;
+    ALTER TABLE accounts ADD COLUMN blocked_reason TEXT;
+    ALTER TABLE accounts ADD COLUMN blocked_by TEXT;
+    ALTER TABLE ledger_entries ADD COLUMN held_micros INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE ledger_entries ADD COLUMN reason TEXT;
+    ALTER TABLE ledger_entries ADD COLUMN period_start REAL;
+    CREATE UNIQUE INDEX ledger_refill_once ON ledger_entries(user_id, period_start)
+        WHERE kind = 'refill' AND period_start IS NOT NULL;
+    INSERT INTO ledger_entries (user_id, kind, amount_micros, held_micros, balance_after_micros, actor,
+        reason, created_at)
+        SELECT a.user_id, 'adjust',
+            a.balance_micros - COALESCE((SELECT SUM(e.amount_micros) FROM ledger_entries e
+                                         WHERE e.user_id = a.user_id), 0),
+            a.reserved_micros, a.balance_micros, 'easel', 'opening balance (budgets that refill)',
+            CAST(strftime('%s', 'now') AS REAL)
+        FROM accounts a;
+    ALTER TABLE reservations ADD COLUMN roles TEXT NOT NULL DEFAULT '';
+    ALTER TABLE reservations ADD COLUMN counted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE reservations ADD COLUMN exempt INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX reservations_user_time ON reservations(user_id, created_at);
+    CREATE INDEX reservations_guild_time ON reservations(guild_id, created_at);
+    CREATE TABLE allowances (
+        scope TEXT NOT NULL,
+        subject_id TEXT NOT NULL,
+        amount_micros INTEGER NOT NULL,
+        actor TEXT,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (scope, subject_id)
+    );
+    CREATE TABLE exemptions (
+        scope TEXT NOT NULL,
+        subject_id TEXT NOT NULL,
+        actor TEXT,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (scope, subject_id)
+    );
+    CREATE TABLE spend_alerts (
+        cap TEXT NOT NULL,
+        period_start REAL NOT NULL,
+        threshold INTEGER NOT NULL,
+        spent_micros INTEGER NOT NULL,
+        cap_micros INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (cap, period_start, threshold)
+    );
+    """,
 ]
 
 class Database:

@@ -15,8 +15,16 @@ _PARAM_COLUMNS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "str
 _COLUMNS = ({f.name for f in fields(JobRecord)} - {"params"}) | set(_PARAM_COLUMNS) | {"width", "height"}
 
 
+# The gallery's columns (migration 10) are read by the gallery's queries, not kept on JobRecord.
+_GALLERY_COLUMNS = ("hidden_at", "hidden_by", "deleted_at")
+_LISTED = ("status = 'done' AND sha256 IS NOT NULL AND public = 1 AND nsfw_channel = 0 AND spoiler = 0"
+           " AND hidden_at IS NULL AND deleted_at IS NULL")
+
+
 def _record(row: Any) -> JobRecord:
     data = dict(row)
+    for key in _GALLERY_COLUMNS:
+        data.pop(key, None)
     width, height = data.pop("width"), data.pop("height")
     params = {k: data.pop(k) for k in _PARAM_COLUMNS}
     params["options"] = json.loads(params["options"] or "{}")
@@ -100,6 +108,35 @@ class JobStore:
     def unfinished(self) -> list[JobRecord]:
         rows = self.db.query("SELECT * FROM jobs WHERE status IN ('queued', 'running') ORDER BY id")
         return [_record(r) for r in rows]
+
+    def listed(self, *, user_id: str | None = None, guild_id: str | None = None,
+               sha256: str | None = None, source_job_id: int | None = None, offset: int = 0,
+               limit: int = 24) -> list[JobRecord]:
+        """What the gallery may show, newest first (see bot.core.ports.JobStore.listed)."""
+        where = [_LISTED]
+        params: list[Any] = []
+        for column, value in (("user_id", user_id), ("guild_id", guild_id), ("sha256", sha256),
+                              ("source_job_id", source_job_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        rows = self.db.query(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return [_record(r) for r in rows]
+
+    def hide(self, job_id: int, actor: str) -> bool:
+        with self.db.transaction() as conn:
+            cur = conn.execute("UPDATE jobs SET hidden_at = COALESCE(hidden_at, ?), hidden_by = "
+                               "COALESCE(hidden_by, ?) WHERE id = ?", (now(), actor, job_id))
+        return cur.rowcount > 0
+
+    def delete_from_gallery(self, job_id: int) -> bool:
+        with self.db.transaction() as conn:
+            cur = conn.execute("UPDATE jobs SET deleted_at = COALESCE(deleted_at, ?) WHERE id = ?",
+                               (now(), job_id))
+        return cur.rowcount > 0
 
     def spend_by_provider_since(self, since: float) -> dict[str, int]:
         rows = self.db.query(

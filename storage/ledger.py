@@ -4,227 +4,329 @@ Amounts are integer micro-dollars (1 USD = 1_000_000), so sums never drift. A jo
 *reserved* before any money is spent, then *settled* (charged) or *released* exactly once: each
 step is one transaction, and a reservation can only leave the `held` state once, so money is
 never lost or counted twice, even across concurrent writers or a crash.
+
+Every movement is an append-only entry in `ledger_entries` (refill, lapse, grant, adjust,
+reserve, settle, release): a balance is the sum of its entries' amounts and what is held the sum
+of their `held_micros`; the `accounts` row keeps both sums at hand. Allowances refill lazily: the
+first transaction that touches an account in a new period lapses and refills it (bot.core.money),
+once, under SQLite's write lock, so concurrent requests and restarts can never refill twice.
 """
 from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
 
 from bot.core.models import (
     Adjustment,
     Balance,
     Caps,
     GuildCapReached,
+    ImageLimitReached,
     InsufficientFunds,
+    MemberBlocked,
+    RateLimited,
     SpendCapReached,
     TooManyRequests,
+    period_start,
 )
+from bot.core.money import Terms, period_end, periods_between, refill
 
-from .db import Database, now
+from .budget_rules import is_exempt, member_allowance
+from .db import Database
+from .spend import SpendRecords
+
+HOUR = 3600.0
 
 
-class Ledger:
-    def __init__(self, db: Database, default_allowance_micros: int):
+class Ledger(SpendRecords):
+    def __init__(self, db: Database, terms: Terms | int = 0, clock: Callable[[], float] = time.time):
         self.db = db
-        self.default_allowance_micros = default_allowance_micros
+        self.terms = terms if isinstance(terms, Terms) else Terms(default_allowance_micros=terms)
+        self.clock = clock
 
-    def _ensure_account(self, conn, user_id: str) -> None:
-        t = now()
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO accounts (user_id, balance_micros, reserved_micros, created_at,"
-            " updated_at) VALUES (?, ?, 0, ?, ?)",
-            (user_id, self.default_allowance_micros, t, t),
-        )
-        if cur.rowcount:
-            self._entry(conn, user_id, None, "allowance", self.default_allowance_micros, None)
+    # -- accounts and entries -------------------------------------------------------------------
 
-    def _entry(self, conn, user_id, job_id, kind, amount, actor) -> None:
-        balance = conn.execute(
-            "SELECT balance_micros FROM accounts WHERE user_id = ?", (user_id,)
-        ).fetchone()[0]
-        conn.execute(
-            "INSERT INTO ledger_entries (user_id, job_id, kind, amount_micros,"
-            " balance_after_micros, actor, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (user_id, job_id, kind, amount, balance, actor, now()),
-        )
+    def _account(self, conn: sqlite3.Connection, user_id: str) -> sqlite3.Row | None:
+        return conn.execute(
+            "SELECT balance_micros, reserved_micros, allowance_micros, period_start, blocked_at,"
+            " blocked_reason FROM accounts WHERE user_id = ?",
+            (user_id,),
+        ).fetchone()
 
-    def balance(self, user_id: str) -> Balance:
-        row = self.db.query_one(
-            "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?", (user_id,)
-        )
+    def _refresh(self, conn: sqlite3.Connection, user_id: str, roles: tuple[str, ...] = ()) -> sqlite3.Row:
+        """The account, made if new and refilled if a period began since it was last touched."""
+        t, terms = self.clock(), self.terms
+        start = period_start(terms.period, t)
+        row = self._account(conn, user_id)
+        if row is not None and row["period_start"] >= start:
+            return row
+        amount = member_allowance(conn, user_id, roles, terms.default_allowance_micros)
         if row is None:
-            return Balance(user_id, self.default_allowance_micros, 0)
+            conn.execute(
+                "INSERT INTO accounts (user_id, balance_micros, reserved_micros, allowance_micros,"
+                " period_start, created_at, updated_at) VALUES (?, 0, 0, 0, ?, ?, ?)",
+                (user_id, start, t, t),
+            )
+            done = refill(0, 0, amount, terms.carry_over_cap_micros, 1)
+        else:
+            missed = periods_between(terms.period, row["period_start"], t) if row["period_start"] else 1
+            done = refill(row["allowance_micros"], row["reserved_micros"], amount,
+                          terms.carry_over_cap_micros, max(missed, 1))
+        conn.execute(
+            "UPDATE accounts SET balance_micros = balance_micros + ?, allowance_micros = ?,"
+            " period_start = ?, updated_at = ? WHERE user_id = ?",
+            (done.refilled_micros - done.lapsed_micros, done.allowance_micros, start, t, user_id),
+        )
+        if done.lapsed_micros:
+            self._entry(conn, user_id, "lapse", -done.lapsed_micros, reason="unspent allowance of the last period")
+        if done.refilled_micros:
+            self._entry(conn, user_id, "refill", done.refilled_micros, period=start,
+                        reason=f"allowance for the {terms.period}")
+        row = self._account(conn, user_id)
+        assert row is not None
+        return row
+
+    def _entry(self, conn: sqlite3.Connection, user_id: str, kind: str, amount: int = 0, held: int = 0, *,
+               job_id: int | None = None, actor: str | None = None, reason: str | None = None,
+               period: float | None = None) -> None:
+        balance = conn.execute("SELECT balance_micros FROM accounts WHERE user_id = ?", (user_id,)).fetchone()[0]
+        conn.execute(
+            "INSERT INTO ledger_entries (user_id, job_id, kind, amount_micros, held_micros,"
+            " balance_after_micros, actor, reason, period_start, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (user_id, job_id, kind, amount, held, balance, actor, reason, period, self.clock()),
+        )
+
+    def balance(self, user_id: str, roles: tuple[str, ...] = ()) -> Balance:
+        """The balance now (refilled first when a period began since it was last touched)."""
+        row = self.db.query_one("SELECT balance_micros, reserved_micros, period_start FROM accounts"
+                                " WHERE user_id = ?", (user_id,))
+        if row is None or row[2] < period_start(self.terms.period, self.clock()):
+            with self.db.transaction() as conn:
+                row = self._refresh(conn, user_id, roles)
         return Balance(user_id, row[0], row[1])
+
+    # -- reservations ----------------------------------------------------------------------------
 
     def reserve(self, user_id: str, job_id: int, amount_micros: int, caps: Caps | None = None,
                 provider: str | None = None) -> Balance:
         """Hold `amount_micros` for `job_id`, or raise a BudgetRefusal and hold nothing.
 
-        `caps.paid` marks money really spent with a provider: with a daily cap, the paid spend
-        settled since `caps.day_start` plus what is held for paid jobs may not exceed it. With a
-        guild cap, the same holds for the guild's spend since `caps.period_start`."""
+        Every limit must fit: a block, the requests in flight, images per hour (the member's and
+        the guild's), the guild's cap per period, the daily cap on paid generation, free images
+        per period, and the member's balance. Members and roles exempt from limits skip all but
+        the block, the requests in flight and the daily cap, and are not charged."""
         caps = caps or Caps()
-        guild_id, guild_cap_micros = caps.guild_id, caps.guild_cap_micros
-        paid, daily_cap_micros = caps.paid, caps.daily_cap_micros
-        day_start, period_start = caps.day_start, caps.period_start
         if amount_micros < 0:
             raise ValueError("a reservation cannot be negative")
         with self.db.transaction() as conn:
+            account = self._account(conn, user_id)
+            if account is not None and account["blocked_at"] is not None:
+                raise MemberBlocked(account["blocked_reason"])
+            exempt = is_exempt(conn, user_id, caps.roles)
             if caps.max_requests:
-                # Other requests of this user holding money, in any process (one group: once).
-                in_flight = conn.execute(
-                    "SELECT COUNT(DISTINCT COALESCE(request_group, 'job:' || job_id)) FROM reservations"
-                    " WHERE user_id = ? AND state = 'held' AND (? IS NULL OR request_group IS NOT ?)",
-                    (user_id, caps.group, caps.group),
-                ).fetchone()[0]
-                if in_flight >= caps.max_requests:
-                    raise TooManyRequests(in_flight, caps.max_requests)
-            if guild_id is not None and guild_cap_micros is not None:
-                committed = conn.execute(
-                    "SELECT COALESCE(SUM(CASE WHEN state = 'held' THEN amount_micros"
-                    " ELSE charged_micros END), 0) FROM reservations WHERE guild_id = ?"
-                    " AND (state = 'held' OR (state = 'settled' AND closed_at >= ?))",
-                    (guild_id, period_start),
-                ).fetchone()[0]
-                if committed + amount_micros > guild_cap_micros:
-                    raise GuildCapReached(guild_cap_micros)
-            if paid and daily_cap_micros:
-                committed = conn.execute(
-                    "SELECT COALESCE(SUM(CASE WHEN state = 'held' THEN amount_micros"
-                    " ELSE charged_micros END), 0) FROM reservations WHERE paid = 1"
-                    " AND (state = 'held' OR (state = 'settled' AND closed_at >= ?))",
-                    (day_start,),
-                ).fetchone()[0]
-                if committed + amount_micros > daily_cap_micros:
-                    raise SpendCapReached(daily_cap_micros)
-            self._ensure_account(conn, user_id)
-            balance, reserved = conn.execute(
-                "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?",
-                (user_id,),
-            ).fetchone()
-            if balance - reserved < amount_micros:
-                raise InsufficientFunds(user_id, balance - reserved, amount_micros)
+                self._check_in_flight(conn, user_id, caps)
+            if not exempt:
+                self._check_rates(conn, user_id, caps)
+                self._check_guild_cap(conn, amount_micros, caps)
+            if caps.paid and caps.daily_cap_micros:
+                committed = self._committed(conn, "paid = 1", (), caps.day_start)
+                if committed + amount_micros > caps.daily_cap_micros:
+                    raise SpendCapReached(caps.daily_cap_micros, caps.day_end)
+            if caps.counted and caps.images_per_period and not exempt:
+                self._check_count(conn, user_id, caps.images_per_period)
+            account = self._refresh(conn, user_id, caps.roles)
+            balance, reserved = account["balance_micros"], account["reserved_micros"]
+            if not exempt and balance - reserved < amount_micros:
+                refills = self.terms.default_allowance_micros or account["allowance_micros"]
+                raise InsufficientFunds(user_id, balance - reserved, amount_micros,
+                                        period_end(self.terms.period, self.clock()) if refills else None)
             conn.execute(
                 "INSERT INTO reservations (job_id, user_id, guild_id, provider, paid, amount_micros,"
-                " state, created_at, request_group) VALUES (?, ?, ?, ?, ?, ?, 'held', ?, ?)",
-                (job_id, user_id, guild_id, provider, int(paid), amount_micros, now(), caps.group),
+                " state, created_at, request_group, roles, counted, exempt)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'held', ?, ?, ?, ?, ?)",
+                (job_id, user_id, caps.guild_id, provider, int(caps.paid), amount_micros, self.clock(),
+                 caps.group, ",".join(caps.roles), int(caps.counted), int(exempt)),
             )
-            conn.execute(
-                "UPDATE accounts SET reserved_micros = reserved_micros + ?, updated_at = ?"
-                " WHERE user_id = ?",
-                (amount_micros, now(), user_id),
-            )
-            return Balance(user_id, balance, reserved + amount_micros)
+            held = 0 if exempt else amount_micros
+            conn.execute("UPDATE accounts SET reserved_micros = reserved_micros + ?, updated_at = ?"
+                         " WHERE user_id = ?", (held, self.clock(), user_id))
+            self._entry(conn, user_id, "reserve", 0, held, job_id=job_id,
+                        reason=f"exempt from limits: {amount_micros} micros not held" if exempt else None)
+            return Balance(user_id, balance, reserved + held)
+
+    def _check_in_flight(self, conn: sqlite3.Connection, user_id: str, caps: Caps) -> None:
+        # Other requests of this user holding money, in any process (one group: once).
+        in_flight = conn.execute(
+            "SELECT COUNT(DISTINCT COALESCE(request_group, 'job:' || job_id)) FROM reservations"
+            " WHERE user_id = ? AND state = 'held' AND (? IS NULL OR request_group IS NOT ?)",
+            (user_id, caps.group, caps.group),
+        ).fetchone()[0]
+        if in_flight >= caps.max_requests:
+            raise TooManyRequests(in_flight, caps.max_requests)
+
+    def _check_rates(self, conn: sqlite3.Connection, user_id: str, caps: Caps) -> None:
+        """Images per rolling hour: what is held or charged counts, a refunded job does not."""
+        since = self.clock() - HOUR
+        for whose, column, subject, limit in (("your", "user_id", user_id, caps.user_images_per_hour),
+                                              ("the server's", "guild_id", caps.guild_id, caps.guild_images_per_hour)):
+            if not limit or subject is None:
+                continue
+            times = conn.execute(
+                f"SELECT created_at FROM reservations WHERE {column} = ? AND created_at > ?"
+                " AND state != 'released' ORDER BY created_at DESC LIMIT ?",
+                (subject, since, limit),
+            ).fetchall()
+            if len(times) >= limit:  # one more is allowed once the oldest of these is an hour old
+                raise RateLimited(whose, limit, times[-1][0] + HOUR)
+
+    def _check_guild_cap(self, conn: sqlite3.Connection, amount_micros: int, caps: Caps) -> None:
+        if caps.guild_id is None or caps.guild_cap_micros is None:
+            return
+        committed = self._committed(conn, "guild_id = ?", (caps.guild_id,), caps.period_start)
+        if committed + amount_micros > caps.guild_cap_micros:
+            raise GuildCapReached(caps.guild_cap_micros, caps.period_end)
+
+    def _check_count(self, conn: sqlite3.Connection, user_id: str, limit: int) -> None:
+        t = self.clock()
+        made = conn.execute(
+            "SELECT COUNT(*) FROM reservations WHERE user_id = ? AND counted = 1 AND state != 'released'"
+            " AND created_at >= ?",
+            (user_id, period_start(self.terms.period, t)),
+        ).fetchone()[0]
+        if made >= limit:
+            raise ImageLimitReached(limit, period_end(self.terms.period, t))
+
+    @staticmethod
+    def _committed(conn: sqlite3.Connection, where: str, params: tuple, since: float) -> int:
+        """Held now plus charged since `since`, of the reservations `where` selects."""
+        return conn.execute(
+            "SELECT COALESCE(SUM(CASE WHEN state = 'held' THEN amount_micros ELSE charged_micros END), 0)"
+            f" FROM reservations WHERE {where} AND (state = 'held' OR (state = 'settled' AND closed_at >= ?))",
+            (*params, since),
+        ).fetchone()[0]
+
+    def _close(self, conn: sqlite3.Connection, job_id: int) -> sqlite3.Row | None:
+        return conn.execute(
+            "SELECT user_id, amount_micros, exempt FROM reservations WHERE job_id = ? AND state = 'held'", (job_id,)
+        ).fetchone()
 
     def settle(self, job_id: int, actual_micros: int, provider: str | None = None) -> int:
         """Charge the job's actual cost, at most what was reserved; returns the amount charged.
-        `provider` records who really served it (a fallback may have).
+        `provider` records who really served it (a fallback may have). An exempt member's job
+        records its cost but takes nothing from the balance.
 
         Settling a reservation that is no longer held charges nothing (idempotent)."""
         with self.db.transaction() as conn:
-            row = conn.execute(
-                "SELECT user_id, amount_micros FROM reservations WHERE job_id = ? AND state = 'held'",
-                (job_id,),
-            ).fetchone()
+            row = self._close(conn, job_id)
             if row is None:
                 return 0
-            user_id, held = row
-            charged = max(0, min(actual_micros, held))
+            user_id, amount, exempt = row
+            charged = max(0, min(actual_micros, amount))
             conn.execute(
                 "UPDATE reservations SET state = 'settled', charged_micros = ?, closed_at = ?,"
                 " provider = COALESCE(?, provider) WHERE job_id = ?",
-                (charged, now(), provider, job_id),
+                (charged, self.clock(), provider, job_id),
             )
+            held, paid = (0, 0) if exempt else (amount, charged)
             conn.execute(
-                "UPDATE accounts SET reserved_micros = reserved_micros - ?,"
-                " balance_micros = balance_micros - ?, updated_at = ? WHERE user_id = ?",
-                (held, charged, now(), user_id),
+                "UPDATE accounts SET reserved_micros = reserved_micros - ?, balance_micros = balance_micros - ?,"
+                " allowance_micros = MAX(allowance_micros - ?, 0), updated_at = ? WHERE user_id = ?",
+                (held, paid, paid, self.clock(), user_id),
             )
-            self._entry(conn, user_id, job_id, "charge", -charged, None)
+            self._entry(conn, user_id, "settle", -paid, -held, job_id=job_id,
+                        reason=f"exempt from limits: {charged} micros not charged" if exempt and charged else None)
             return charged
 
     def release(self, job_id: int) -> bool:
         """Give back a held reservation uncharged; False when it was not held (idempotent)."""
         with self.db.transaction() as conn:
-            row = conn.execute(
-                "SELECT user_id, amount_micros FROM reservations WHERE job_id = ? AND state = 'held'",
-                (job_id,),
-            ).fetchone()
+            row = self._close(conn, job_id)
             if row is None:
                 return False
-            user_id, held = row
-            conn.execute(
-                "UPDATE reservations SET state = 'released', charged_micros = 0, closed_at = ?"
-                " WHERE job_id = ?",
-                (now(), job_id),
-            )
-            conn.execute(
-                "UPDATE accounts SET reserved_micros = reserved_micros - ?, updated_at = ?"
-                " WHERE user_id = ?",
-                (held, now(), user_id),
-            )
+            user_id, amount, exempt = row
+            conn.execute("UPDATE reservations SET state = 'released', charged_micros = 0, closed_at = ?"
+                         " WHERE job_id = ?", (self.clock(), job_id))
+            held = 0 if exempt else amount
+            conn.execute("UPDATE accounts SET reserved_micros = reserved_micros - ?, updated_at = ?"
+                         " WHERE user_id = ?", (held, self.clock(), user_id))
+            self._entry(conn, user_id, "release", 0, -held, job_id=job_id)
             return True
 
     def held_job_ids(self) -> list[int]:
         return [r[0] for r in self.db.query("SELECT job_id FROM reservations WHERE state = 'held'")]
 
-    def set_balance(self, user_id: str, amount_micros: int, actor: str | None = None) -> Adjustment:
+    # -- admins' changes -------------------------------------------------------------------------
+
+    def set_balance(self, user_id: str, amount_micros: int, actor: str | None = None,
+                    reason: str | None = None) -> Adjustment:
         """Set the balance, but never below what running jobs hold (the available balance never
         goes below zero); the adjustment says what was done."""
         if amount_micros < 0:
             raise ValueError("a balance cannot be set below zero")
         with self.db.transaction() as conn:
-            self._ensure_account(conn, user_id)
-            old, held = conn.execute(
-                "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?", (user_id,)
-            ).fetchone()
-            return self._adjust(conn, user_id, "set", amount_micros - old, max(amount_micros, held) - old, actor)
+            account = self._refresh(conn, user_id)
+            old, held = account["balance_micros"], account["reserved_micros"]
+            return self._adjust(conn, user_id, "adjust", amount_micros - old, max(amount_micros, held) - old,
+                                actor, reason)
 
-    def grant(self, user_id: str, amount_micros: int, actor: str | None = None) -> Adjustment:
-        """Add to the balance; a negative grant takes away at most what is available."""
+    def grant(self, user_id: str, amount_micros: int, actor: str | None = None,
+              reason: str | None = None) -> Adjustment:
+        """Add credit, which never lapses; a negative grant takes away at most what is available."""
         with self.db.transaction() as conn:
-            self._ensure_account(conn, user_id)
-            balance, held = conn.execute(
-                "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?", (user_id,)
-            ).fetchone()
-            applied = max(amount_micros, -max(0, balance - held))
-            return self._adjust(conn, user_id, "grant", amount_micros, applied, actor)
+            account = self._refresh(conn, user_id)
+            applied = max(amount_micros, -max(0, account["balance_micros"] - account["reserved_micros"]))
+            return self._adjust(conn, user_id, "grant", amount_micros, applied, actor, reason)
 
-    def _adjust(self, conn, user_id: str, kind: str, asked: int, applied: int, actor: str | None) -> Adjustment:
+    def _adjust(self, conn: sqlite3.Connection, user_id: str, kind: str, asked: int, applied: int,
+                actor: str | None, reason: str | None) -> Adjustment:
+        # Money taken away comes out of credit first: the allowance is never more than the balance.
         conn.execute(
-            "UPDATE accounts SET balance_micros = balance_micros + ?, updated_at = ? WHERE user_id = ?",
-            (applied, now(), user_id),
+            "UPDATE accounts SET balance_micros = balance_micros + ?,"
+            " allowance_micros = MIN(allowance_micros, balance_micros + ?), updated_at = ? WHERE user_id = ?",
+            (applied, applied, self.clock(), user_id),
         )
-        self._entry(conn, user_id, None, kind, applied, actor)
+        self._entry(conn, user_id, kind, applied, actor=actor, reason=reason)
         balance, held = conn.execute(
             "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?", (user_id,)
         ).fetchone()
-        return Adjustment(user_id, balance, held, asked_micros=asked, applied_micros=applied, kind=kind)
+        return Adjustment(user_id, balance, held, asked_micros=asked, applied_micros=applied,
+                          kind="set" if kind == "adjust" else kind)
 
-    def reset(self, user_id: str, actor: str | None = None) -> Adjustment:
-        """Back to the default allowance."""
-        return self.set_balance(user_id, self.default_allowance_micros, actor)
+    def reset(self, user_id: str, actor: str | None = None, roles: tuple[str, ...] = ()) -> Adjustment:
+        """The allowance back to a full period's (what is left of it lapses, held money is kept);
+        credit from grants is kept."""
+        with self.db.transaction() as conn:
+            account = self._refresh(conn, user_id, roles)
+            amount = member_allowance(conn, user_id, roles, self.terms.default_allowance_micros)
+            allowance, held = account["allowance_micros"], account["reserved_micros"]
+            free = max(allowance - min(held, allowance), 0)
+            conn.execute(
+                "UPDATE accounts SET balance_micros = balance_micros + ?, allowance_micros = allowance_micros + ?,"
+                " updated_at = ? WHERE user_id = ?",
+                (amount - free, amount - free, self.clock(), user_id),
+            )
+            if free:
+                self._entry(conn, user_id, "lapse", -free, actor=actor, reason="reset: the allowance left lapses")
+            self._entry(conn, user_id, "refill", amount, actor=actor, reason="reset: a full allowance")
+            balance, held = conn.execute(
+                "SELECT balance_micros, reserved_micros FROM accounts WHERE user_id = ?", (user_id,)
+            ).fetchone()
+            return Adjustment(user_id, balance, held, asked_micros=amount - free, applied_micros=amount - free,
+                              kind="reset")
 
-    def top_spenders(self, since: float, limit: int = 10, guild_id: str | None = None) -> list[tuple[str, int]]:
-        sql = ("SELECT user_id, SUM(charged_micros) AS spent FROM reservations"
-               " WHERE state = 'settled' AND closed_at >= ?")
-        params: tuple = (since,)
-        if guild_id is not None:
-            sql += " AND guild_id = ?"
-            params += (guild_id,)
-        sql += " GROUP BY user_id HAVING spent > 0 ORDER BY spent DESC LIMIT ?"
-        return [(r[0], r[1]) for r in self.db.query(sql, params + (limit,))]
+    def set_blocked(self, user_id: str, blocked: bool, reason: str | None = None, actor: str | None = None) -> None:
+        """Block (every request refused; `reason` is for admins) or unblock a member."""
+        with self.db.transaction() as conn:
+            self._refresh(conn, user_id)
+            conn.execute(
+                "UPDATE accounts SET blocked_at = ?, blocked_reason = ?, blocked_by = ? WHERE user_id = ?",
+                (self.clock() if blocked else None, reason if blocked else None, actor if blocked else None, user_id),
+            )
+            self._entry(conn, user_id, "block" if blocked else "unblock", actor=actor, reason=reason)
 
-    def spend_by_provider(self, since: float, guild_id: str | None = None) -> dict[str, int]:
-        sql = ("SELECT provider, SUM(charged_micros) FROM reservations"
-               " WHERE state = 'settled' AND closed_at >= ?")
-        params: tuple = (since,)
-        if guild_id is not None:
-            sql += " AND guild_id = ?"
-            params += (guild_id,)
-        return {r[0]: r[1] for r in self.db.query(sql + " GROUP BY provider", params)}
-
-    def spent_since(self, user_id: str, since: float) -> int:
-        row = self.db.query_one(
-            "SELECT COALESCE(SUM(charged_micros), 0) FROM reservations"
-            " WHERE user_id = ? AND state = 'settled' AND closed_at >= ?",
-            (user_id, since),
-        )
-        return row[0]
+    def blocked(self, user_id: str) -> str | None:
+        """Why the member is blocked ("" when no reason was given); None when not blocked."""
+        row = self.db.query_one("SELECT blocked_at, blocked_reason FROM accounts WHERE user_id = ?", (user_id,))
+        return None if row is None or row[0] is None else (row[1] or "")

@@ -131,7 +131,7 @@ class RunningBot:
     def charges(self, user_id: int | None = None) -> list[tuple[str, int, int]]:
         """(user, job, micros charged) for every charge in the ledger."""
         rows = self.app.db.query(
-            "SELECT user_id, job_id, -amount_micros FROM ledger_entries WHERE kind = 'charge' ORDER BY id")
+            "SELECT user_id, job_id, -amount_micros FROM ledger_entries WHERE kind IN ('charge', 'settle') ORDER BY id")
         return [tuple(r) for r in rows if user_id is None or r[0] == str(user_id)]
 
     def held(self) -> list[int]:

@@ -31,7 +31,7 @@ EASEL = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bot.cli"
 PROMPT = "a lighthouse at dusk"
 SMALL = ("--size", "64x64", "--steps", "2")
 OUTCOME_KEYS = {"job_id", "status", "seed", "model", "provider", "width", "height", "cost_usd",
-                "sha256", "image_path", "image_url", "error", "error_code"}
+                "sha256", "image_path", "image_url", "error", "error_code", "retry_at"}
 HEAVY_MODULES = ("torch", "diffusers", "transformers", "PIL")
 
 
@@ -408,7 +408,7 @@ def test_budget_show_set_and_grant(workspace):
     for action in ("set", "grant"):
         result = workspace.run("budget", action, "carol")
         assert result.returncode == 2
-        assert "needs an amount" in result.stderr
+        assert "the following arguments are required: amount" in result.stderr
     result = workspace.run("budget", "set", "carol", "lots")
     assert result.returncode == 2
     assert balance(workspace.run("budget", "show", "carol")) == "3.2500"

@@ -90,7 +90,7 @@ class Core:
             billing=Billing(self.policy, router, self.uow, self.ledger, self.jobs, self.prefs, self.clock),
             admission=Admission({"mem": 1}, max_requests), router=router, jobs=self.jobs,
             blobs=self.blobs, codec=codec, owner="test:1")
-        self.accounts = Accounts(self.policy, self.ledger, self.jobs, self.prefs, router, self.clock)
+        self.accounts = Accounts(self.policy, self.prefs, router, self.clock)
 
     def available(self, user="u1"):
         return self.ledger.balance(user).available_micros

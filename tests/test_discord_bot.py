@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -112,7 +113,7 @@ def png_of(image: PILImage.Image) -> bytes:
 async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
     bot = await make_bot()
     commands = {c["name"]: c for c in fake.commands()}
-    assert sorted(commands) == ["budget", "edit", "imagine", "moderation", "settings", "tips", "upscale", "usage",
+    assert sorted(commands) == ["budget", "edit", "gallery", "imagine", "moderation", "settings", "tips", "upscale", "usage",
                                  "variation"]
     assert fake.commands(fake.guild) == []  # no sync_guilds: global commands only
     assert fake.unmatched_requests == []
@@ -141,8 +142,10 @@ async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
     # Guild-only: no DMs (dm_permission), or contexts limited to guilds (0).
     assert budget["dm_permission"] is False or budget["contexts"] == [0]
     subcommands = {o["name"]: o for o in budget["options"]}
-    assert sorted(subcommands) == ["grant", "guild-cap", "report", "reset", "set", "show"]
-    assert all(o["type"] == 1 for o in subcommands.values())
+    assert sorted(subcommands) == ["allowance", "block", "exempt", "grant", "guild-cap", "history", "report",
+                                   "reset", "set", "show", "unblock"]
+    assert all(o["type"] == (2 if name == "allowance" else 1) for name, o in subcommands.items())
+    assert sorted(o["name"] for o in subcommands["allowance"]["options"]) == ["set", "show"]
     assert [(o["name"], o["type"]) for o in subcommands["set"]["options"]] == [("user", 6), ("amount", 10)]
     assert str(commands["tips"]["default_member_permissions"]) == str(1 << 5)
     for name, command in commands.items():
@@ -462,7 +465,8 @@ async def test_usage_shows_balance_and_recent_jobs_ephemerally(fake, make_bot):
     interaction = await fake.send_slash_command("usage")
     message = await immediate_reply(fake, interaction)
     [job] = bot.jobs()
-    assert "**Balance** $0.9900" in message.content
+    assert "**Available** $0.9900" in message.content
+    assert "**Allowance** $1.0000 per month, refills <t:" in message.content
     assert "**Spent this month** $0.0100" in message.content
     assert f"`{job.id}` done \u00b7 imagine \u00b7 fake-model \u00b7 $0.0100 \u00b7 a quiet pond" in message.content
 
@@ -562,7 +566,9 @@ def ledger_kinds(bot: RunningBot, user) -> list[tuple[str, int, str | None]]:
 async def test_budget_is_refused_to_a_plain_member(fake, make_bot, bob):
     bot = await make_bot()
     for sub, options in (("set", {"user": bob, "amount": 50.0}), ("grant", {"user": fake.user, "amount": 5.0}),
-                         ("report", {}), ("guild-cap", {"amount": 0.5}), ("show", {"user": bob})):
+                         ("report", {}), ("guild-cap", {"amount": 0.5}), ("show", {"user": bob}),
+                         ("block", {"user": bob}), ("history", {"user": bob}), ("exempt", {"on": True, "user": bob}),
+                         ("allowance set", {"amount": 9.0})):
         text = await budget(fake, sub, options, user=fake.user)
         assert text == "\U0001f512 only admins can manage budgets", (sub, text)
     assert bot.app.db.query("SELECT * FROM ledger_entries") == []
@@ -577,32 +583,41 @@ async def test_the_guild_owner_manages_budgets(fake, make_bot, bob):
     await imagine_result(bot, {"prompt": "a barn"}, user=bob)
 
     text = await budget(fake, "set", {"user": bob, "amount": 5.0})
-    assert text == f"Set the balance to $5.0000.\n<@{bob.id}>: balance $5.0000, available $5.0000, spent this month $0.0100"
+    assert text.startswith(f"Set the balance to $5.0000.\n<@{bob.id}>: balance $5.0000, available $5.0000, "
+                           "spent this month $0.0100\nAllowance $1.0000 per month, refills <t:"), text
     assert bot.available(bob.id) == 5_000_000
-    assert "available $7.5000" in await budget(fake, "grant", {"user": bob, "amount": 2.5})
-    assert "balance $0.9800" in await budget(fake, "show", {"user": fake.user, "period": "day"})
-    assert "spent this day $0.0200" in await budget(fake, "show", {"user": fake.user, "period": "day"})
-    assert "available $1.0000" in await budget(fake, "reset", {"user": bob})
+    assert "available $7.5000" in await budget(fake, "grant", {"user": bob, "amount": 2.5, "reason": "won a contest"})
+    assert "balance $0.9800" in await budget(fake, "show", {"user": fake.user})
+    assert "spent this month $0.0200" in await budget(fake, "show", {"user": fake.user})
+    # A reset lapses what is left of the allowance ($0.99) and gives a full one; credit stays.
+    assert "available $7.5100" in await budget(fake, "reset", {"user": bob})
     took = await budget(fake, "grant", {"user": bob, "amount": -999999.0})
-    assert took.startswith("Took away $1.0000 of the $999999.0000 asked: only that much was available") and "available $0.0000" in took
+    assert took.startswith("Took away $7.5100 of the $999999.0000 asked: only that much was available") and "available $0.0000" in took
     assert "available $1.0000" in await budget(fake, "reset", {"user": bob})
     actor = f"discord:{fake.owner.id}"
-    assert [k for k in ledger_kinds(bot, bob) if k[0] != "charge"] == [
-        ("allowance", ALLOWANCE_MICROS, None), ("set", 5_000_000 - 990_000, actor),
-        ("grant", 2_500_000, actor), ("set", 1_000_000 - 7_500_000, actor), ("grant", -1_000_000, actor),
-        ("set", 1_000_000, actor)]
+    assert [k for k in ledger_kinds(bot, bob) if k[0] not in ("reserve", "settle", "release")] == [
+        ("refill", ALLOWANCE_MICROS, None), ("adjust", 5_000_000 - 990_000, actor),
+        ("grant", 2_500_000, actor), ("lapse", -990_000, actor), ("refill", 1_000_000, actor),
+        ("grant", -7_510_000, actor), ("refill", 1_000_000, actor)]
+    history = await budget(fake, "history", {"user": bob, "limit": 3})
+    assert history.splitlines()[0] == f"**<@{bob.id}>'s ledger** (newest first)"
+    assert "`grant` $7.5100" not in history and "won a contest" not in history  # only the last 3
+    assert "`refill` $1.0000" in history and f"by <@{fake.owner.id}>" in history
 
-    report = await budget(fake, "report", {})
-    assert report.splitlines() == ["**Spend this month**", f"1. <@{fake.user.id}> $0.0200",
-                                   f"2. <@{bob.id}> $0.0100", "**By provider** fake: $0.0300"]
-
-    assert "cap is now $0.04 per month" in await budget(fake, "guild-cap", {"amount": 0.04})
+    reply = await immediate_reply(fake, await fake.send_slash_command("budget report", {}, user=fake.owner))
+    assert reply.content.splitlines() == ["**Spend this month** $0.0300", f"1. <@{fake.user.id}> $0.0200",
+                                          f"2. <@{bob.id}> $0.0100", "**By provider** fake: $0.0300",
+                                          "**By model** fake-model: $0.0300"]
+    [chart] = reply.attachments  # daily spend against the caps
+    assert chart.filename == "spend.png" and chart.data.startswith(b"\x89PNG")
+    assert "cap is now $0.0400 per month" in await budget(fake, "guild-cap", {"amount": 0.04})
     assert bot.app.preferences.guild(str(fake.guild.id)).spend_cap_micros == 40_000
-    assert "**Server cap** $0.04 per month" in await budget(fake, "report", {})
+    assert "**Server cap** $0.0400 per month" in await budget(fake, "report", {})
     await imagine_result(bot, {"prompt": "a fourth picture"})  # $0.04 spent: the cap is reached
     over = await fake.send_slash_command("imagine", {"prompt": "a fifth picture"}, user=bob)
     text = await refusal_of(fake, over)
     assert text.startswith("\u23f8\ufe0f") and "cap" in text, text
+    assert re.search(r"It lifts <t:\d+:R>\.$", text), text  # the next period
     assert bot.jobs()[-1].error_code == "spend_cap"
     assert len(bot.charges()) == 4 and bot.held() == []
     assert "no spending cap" in await budget(fake, "guild-cap", {"amount": 0.0})
@@ -1025,7 +1040,7 @@ async def test_easel_run_serves_an_imagine_and_stops_on_sigterm(fake, easel_proc
         raise AssertionError(f"easel run never identified\n{easel.stderr()}") from None
     assert fake.identify_payload["intents"] == INTENTS
     assert sorted(c["name"] for c in fake.commands()) == [
-        "budget", "edit", "imagine", "moderation", "settings", "tips", "upscale", "usage", "variation"]
+        "budget", "edit", "gallery", "imagine", "moderation", "settings", "tips", "upscale", "usage", "variation"]
     assert not [r for r in fake.requests if r.path.endswith("/gateway/bot")]  # it was given the gateway
 
     interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse --ar 1:1"})

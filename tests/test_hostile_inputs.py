@@ -241,7 +241,7 @@ def _nothing_spent_or_stored(root: Path) -> None:
     if db.is_file():
         try:
             with sqlite3.connect(db) as conn:
-                charges = conn.execute("SELECT COUNT(*) FROM ledger_entries WHERE kind = 'charge'").fetchone()[0]
+                charges = conn.execute("SELECT COUNT(*) FROM ledger_entries WHERE kind IN ('charge', 'settle')").fetchone()[0]
                 held = conn.execute("SELECT COUNT(*) FROM reservations WHERE state = 'held'").fetchone()[0]
                 done = conn.execute("SELECT COUNT(*) FROM jobs WHERE status = 'done'").fetchone()[0]
                 negative = conn.execute("SELECT COUNT(*) FROM accounts WHERE balance_micros < reserved_micros"

@@ -111,8 +111,7 @@ async def test_a_job_whose_owner_pid_was_reused_is_recovered(tmp_path, slow_open
     with sqlite3.connect(db) as conn:
         conn.execute("INSERT INTO jobs (id, kind, status, user_id, owner, created_at, started_at)"
                      " VALUES (7, 'imagine', 'running', 'alice', ?, ?, ?)", (owner, now, now))
-        conn.execute("INSERT INTO accounts (user_id, balance_micros, reserved_micros, created_at, updated_at)"
-                     " VALUES ('alice', 5000000, 40000, ?, ?)", (now, now))
+        conn.execute("UPDATE accounts SET balance_micros = 5000000, reserved_micros = 40000 WHERE user_id = 'alice'")
         conn.execute("INSERT INTO reservations (job_id, user_id, amount_micros, state, created_at)"
                      " VALUES (7, 'alice', 40000, 'held', ?)", (now,))
     code, out, _ = await _easel(config, env, "budget", "show", "alice")
@@ -130,7 +129,7 @@ async def test_the_per_user_limit_holds_across_processes(tmp_path, slow_openai):
     proc = await _start_slow_job(config, env, db, slow_openai)
     try:
         code, _, err = await _easel(config, env, "imagine", "a second lighthouse")
-        assert code == 1 and "you already have 1 request in flight (the limit is 1)" in err, err
+        assert code == 4 and "you already have 1 request in flight (the limit is 1)" in err, err
         assert len(_held(db)) == 1  # the refused job held nothing
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT status, error_code FROM jobs ORDER BY id").fetchall() == [

@@ -228,9 +228,14 @@ def test_reserve_settle_and_release_move_exact_amounts(db):
     assert _reservation(db, 2) == ("released", 50_000, 0)
 
     assert _entries(db, "ann") == [
-        ("allowance", None, ONE_USD, ONE_USD, None),
-        ("charge", 1, -123_456, 876_544, None),
+        ("refill", None, ONE_USD, ONE_USD, None),
+        ("reserve", 1, 0, ONE_USD, None),
+        ("settle", 1, -123_456, 876_544, None),
+        ("reserve", 2, 0, 876_544, None),
+        ("release", 2, 0, 876_544, None),
     ]
+    held = db.query("SELECT held_micros FROM ledger_entries WHERE user_id = 'ann' ORDER BY id")
+    assert [r[0] for r in held] == [0, 300_000, -300_000, 50_000, -50_000]
 
 
 def test_settle_is_capped_at_the_reservation(db):
@@ -287,10 +292,10 @@ def test_set_and_grant_write_ledger_entries(db):
 
     entries = _entries(db, "ann")
     assert entries == [
-        ("allowance", None, ONE_USD, ONE_USD, None),
-        ("set", None, 4_000_000, 5_000_000, "cli:admin"),
+        ("refill", None, ONE_USD, ONE_USD, None),
+        ("adjust", None, 4_000_000, 5_000_000, "cli:admin"),
         ("grant", None, 250_000, 5_250_000, "cli:admin"),
-        ("set", None, -5_250_000, 0, "discord:42"),
+        ("adjust", None, -5_250_000, 0, "discord:42"),
     ]
     # The entries are a complete account: they sum to the balance.
     assert sum(e[2] for e in entries) == ledger.balance("ann").balance_micros

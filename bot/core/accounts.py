@@ -1,59 +1,31 @@
-"""Accounts: balances, spend, preferences and the admins' budget tools, for every front end.
+"""Accounts: members' preferences (defaults, privacy, tips), for every front end (budgets are
+bot.core.budgets').
 Each method runs its storage work in a worker thread."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from .advice import TIP_INTERVAL_S, tip_for
 from .flags import FlagError, parse_aspect
 from .models import (
-    MAX_ADJUSTMENT_MICROS,
-    Adjustment,
-    Balance,
     ErrorCode,
     GuildSettings,
-    JobRecord,
     Refusal,
     UserSettings,
-    period_start,
 )
 from .policy import Policy
-from .ports import Clock, JobStore, Ledger, Preferences
+from .ports import Clock, Preferences
 from .routing import Router, UnknownModel
 
 # A preference given as one of these goes back to the default.
 CLEAR = ("default", "none", "")
 
 
-@dataclass(frozen=True)
-class Usage:
-    balance: Balance
-    spent_micros: int
-    period: str
-    recent: list[JobRecord]
-
-
-@dataclass(frozen=True)
-class Report:
-    period: str
-    top: list[tuple[str, int]]
-    by_provider: dict[str, int]
-    guild_cap_micros: int | None
-
-
 class Accounts:
-    def __init__(
-        self,
-        policy: Policy,
-        ledger: Ledger,
-        jobs: JobStore,
-        preferences: Preferences,
-        router: Router,
-        clock: Clock,
-    ):
-        self.policy, self.ledger, self.jobs = policy, ledger, jobs
+    def __init__(self, policy: Policy, preferences: Preferences, router: Router, clock: Clock):
+        self.policy = policy
         self.preferences, self.router, self.clock = preferences, router, clock
         # Members' settings are read before every acknowledgement (privacy decides how to
         # acknowledge), so a bot loads them all once (`load_settings`) and keeps them here: no
@@ -61,23 +33,6 @@ class Accounts:
         # them (the bot owns /settings).
         self._settings: dict[str, UserSettings] = {}
         self._all_loaded = False
-
-    def _since(self, period: str | None) -> tuple[str, float]:
-        period = period or self.policy.budget_period
-        return period, period_start(period, self.clock.time())
-
-    async def usage(self, user_id: str, period: str | None = None, recent: int = 5) -> Usage:
-        period, since = self._since(period)
-
-        def read() -> Usage:
-            return Usage(
-                self.ledger.balance(user_id),
-                self.ledger.spent_since(user_id, since),
-                period,
-                self.jobs.list(user_id=user_id, limit=recent),
-            )
-
-        return await asyncio.to_thread(read)
 
     async def load_settings(self) -> None:
         for settings in await asyncio.to_thread(self.preferences.users):
@@ -128,35 +83,6 @@ class Accounts:
         self._settings[user_id] = await asyncio.to_thread(change)
         return self._settings[user_id]
 
-    async def set_balance(self, user_id: str, amount_micros: int, actor: str) -> Adjustment:
-        """Never below zero, nor below what running jobs hold: the adjustment says what it did."""
-        if amount_micros < 0:
-            raise Refusal(ErrorCode.USAGE, "a budget cannot be set below zero")
-        _check_amount(amount_micros)
-        return await asyncio.to_thread(self.ledger.set_balance, user_id, amount_micros, actor)
-
-    async def grant(self, user_id: str, amount_micros: int, actor: str) -> Adjustment:
-        """A negative grant takes away at most what is available."""
-        _check_amount(amount_micros)
-        return await asyncio.to_thread(self.ledger.grant, user_id, amount_micros, actor)
-
-    async def reset(self, user_id: str, actor: str) -> Adjustment:
-        return await asyncio.to_thread(self.ledger.reset, user_id, actor)
-
-    async def report(self, guild_id: str | None, period: str | None = None) -> Report:
-        period, since = self._since(period)
-
-        def read() -> Report:
-            cap = self.preferences.guild(guild_id).spend_cap_micros if guild_id else None
-            return Report(
-                period,
-                self.ledger.top_spenders(since, guild_id=guild_id),
-                self.ledger.spend_by_provider(since, guild_id=guild_id),
-                cap,
-            )
-
-        return await asyncio.to_thread(read)
-
     async def take_tip(
         self, user_id: str, guild_id: str | None, prompt: str, *, can_enhance: bool
     ) -> str | None:
@@ -190,24 +116,6 @@ class Accounts:
             return updated
 
         return await asyncio.to_thread(change)
-
-    async def set_guild_cap(self, guild_id: str, cap_micros: int | None) -> GuildSettings:
-        """The guild's spending cap per budget period; None (or 0) removes it."""
-
-        def change() -> GuildSettings:
-            current = self.preferences.guild(guild_id)
-            updated = replace(current, spend_cap_micros=cap_micros or None)
-            self.preferences.set_guild(updated)
-            return updated
-
-        return await asyncio.to_thread(change)
-
-
-def _check_amount(micros: int) -> None:
-    if abs(micros) > MAX_ADJUSTMENT_MICROS:
-        raise Refusal(
-            ErrorCode.USAGE, f"an amount must be at most ${MAX_ADJUSTMENT_MICROS / 1e6:,.0f} either way"
-        )
 
 
 def _pick(new: str | None, old: str | None) -> str | None:

@@ -21,9 +21,10 @@ from .models import (
     period_start,
     usd_to_micros,
 )
+from .money import SpendAlert, period_end
 from .planning import Plan
 from .policy import Policy
-from .ports import Clock, JobStore, Ledger, Preferences, UnitOfWork
+from .ports import Clock, JobStore, Ledger, NoObserver, Observer, Preferences, UnitOfWork
 from .routing import Router
 
 
@@ -46,6 +47,7 @@ class Ending:
     note: str | None = None
     blocked: Blocked | None = None  # what decided a moderation block (for the moderation log)
     spoiler: bool = False  # shown as a spoiler (an age-restricted channel's policy)
+    retry_at: float | None = None  # a budget refusal: when the limit lifts
 
 
 class Billing:
@@ -58,40 +60,74 @@ class Billing:
         jobs: JobStore,
         preferences: Preferences,
         clock: Clock,
+        observer: Observer | None = None,
     ):
         self.policy, self.router, self.uow, self.ledger = policy, router, uow, ledger
         self.jobs, self.preferences, self.clock = jobs, preferences, clock
+        self.observer: Observer = observer or NoObserver()
+
+    def counted(self, plan: Plan) -> bool:
+        """Free local images are counted, not charged: when the settings say so and every model
+        that may serve the job (the route and its fallbacks) costs no money."""
+        return self.policy.free_images_per_period > 0 and all(
+            r.spec.provider in self.policy.unpaid_providers
+            for r, _ in self.router.candidates(plan.route, plan.request)
+        )
 
     def estimate_micros(self, plan: Plan) -> int:
         """Enough for whichever model ends up serving: the route or one of its fallbacks."""
+        if self.counted(plan):
+            return 0
         return max(
             usd_to_micros(r.generator.estimate_cost(g))
             for r, g in self.router.candidates(plan.route, plan.request)
         )
 
-    async def reserve(self, job: JobRecord, plan: Plan, estimate: int, group: str | None = None) -> None:
+    async def reserve(
+        self,
+        job: JobRecord,
+        plan: Plan,
+        estimate: int,
+        group: str | None = None,
+        roles: tuple[str, ...] = (),
+    ) -> None:
         """Hold the estimate or raise a BudgetRefusal. A cancelled caller still lets a started
         reservation land, so that the refund after it cannot miss it."""
-        reserving = asyncio.ensure_future(asyncio.to_thread(self._reserve, job, plan, estimate, group))
+        reserving = asyncio.ensure_future(
+            asyncio.to_thread(self._reserve, job, plan, estimate, group, roles)
+        )
         try:
             await asyncio.shield(reserving)
         except asyncio.CancelledError:
             await asyncio.gather(reserving, return_exceptions=True)
             raise
 
-    def _reserve(self, job: JobRecord, plan: Plan, estimate: int, group: str | None) -> None:
+    def _guild_cap(self, guild: str | None) -> int | None:
+        if guild is None:
+            return None
+        return self.preferences.guild(guild).spend_cap_micros or self.policy.guild_cap_micros or None
+
+    def _reserve(
+        self, job: JobRecord, plan: Plan, estimate: int, group: str | None, roles: tuple[str, ...]
+    ) -> None:
         provider = plan.route.spec.provider
-        now = self.clock.time()
-        guild = job.guild_id
+        now, period, policy = self.clock.time(), self.policy.budget_period, self.policy
         caps = Caps(
-            paid=provider not in self.policy.unpaid_providers,
-            daily_cap_micros=self.policy.daily_spend_cap_micros,
+            paid=provider not in policy.unpaid_providers,
+            daily_cap_micros=policy.daily_spend_cap_micros,
             day_start=period_start("day", now),
-            guild_id=guild,
-            guild_cap_micros=self.preferences.guild(guild).spend_cap_micros if guild else None,
-            period_start=period_start(self.policy.budget_period, now),
-            max_requests=self.policy.max_requests_per_user,
+            guild_id=job.guild_id,
+            guild_cap_micros=self._guild_cap(job.guild_id),
+            period_start=period_start(period, now),
+            max_requests=policy.max_requests_per_user,
             group=group,
+            roles=roles,
+            user_images_per_hour=policy.user_images_per_hour,
+            guild_images_per_hour=policy.guild_images_per_hour,
+            counted=self.counted(plan),
+            images_per_period=policy.free_images_per_period,
+            period_end=period_end(period, now),
+            day_end=period_end("day", now),
         )
         with self.uow.transaction():
             self.ledger.reserve(job.user_id, job.id, estimate, caps, provider)
@@ -110,6 +146,7 @@ class Billing:
             timings=end.timings,
         )
         result = end.result
+        alerts: list[SpendAlert] = []
         params = job.params if end.prompt is None else job.params.but(prompt=end.prompt)
         if end.prompt is not None:
             values.update(params=params, original_prompt=end.original_prompt)
@@ -136,10 +173,16 @@ class Billing:
                 values["cost_micros"] = self.ledger.settle(
                     job.id, actual, provider=result.provider if result is not None else None
                 )
+                if values["cost_micros"]:
+                    alerts = self.ledger.claim_alerts(
+                        self.policy.daily_spend_cap_micros, job.guild_id, self._guild_cap(job.guild_id)
+                    )
             else:
                 self.ledger.release(job.id)
             end.timings["record"] = round((time.perf_counter() - started) * 1000, 3)
             self.jobs.update(job.id, **values)
+        for alert in alerts:  # after the commit: an alert is never told of a charge undone
+            self.observer.spend_alert(alert)
         return JobOutcome(
             status=end.status,
             job=self.jobs.get(job.id),
@@ -147,4 +190,5 @@ class Billing:
             error_code=end.code,
             image_path=str(end.stored.path) if end.stored and end.stored.path else None,
             balance_usd=micros_to_usd(self.ledger.balance(job.user_id).available_micros),
+            retry_at=end.retry_at,
         )

@@ -51,6 +51,8 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"  # an admin's action, asked for by someone who is not one
     OVER_BUDGET = "over_budget"
     SPEND_CAP = "spend_cap"  # the server's daily or a guild's period cap
+    RATE_LIMITED = "rate_limited"  # images per hour (a member's or a guild's)
+    SUSPENDED = "suspended"  # an admin blocked the member from generating
     BUSY = "busy"  # too many jobs in flight
     BLOCKED = "blocked"  # moderation (ours or the provider's)
     FAILED = "failed"
@@ -124,7 +126,7 @@ class Adjustment(Balance):
 
     asked_micros: int = 0  # the change to the balance that was asked for
     applied_micros: int = 0  # the change made
-    kind: str = "grant"  # or "set"
+    kind: str = "grant"  # or "set", "reset"
 
     @property
     def limited(self) -> bool:
@@ -134,6 +136,8 @@ class Adjustment(Balance):
         def usd(micros: int) -> str:
             return f"${abs(micros) / 1e6:.4f}"
 
+        if self.kind == "reset":
+            return f"reset the allowance to a full period's; the balance is {usd(self.balance_micros)}"
         if self.kind == "set":
             text = f"set the balance to {usd(self.balance_micros)}"
             if self.limited:
@@ -150,15 +154,23 @@ class Adjustment(Balance):
 
 
 class BudgetRefusal(Exception):
-    """A reservation the ledger refused; nothing was held."""
+    """A reservation the ledger refused; nothing was held. `limit` names the limit, `resets_at`
+    (when known) says when it lets the request through again; `describe(money)` words it in
+    dollars or credits (front ends add the time in their own way)."""
 
     code = ErrorCode.OVER_BUDGET
+    limit = "budget"
+    resets_at: float | None = None
+
+    def describe(self, money: Any = None) -> str:
+        return str(self)
 
 
 class TooManyRequests(BudgetRefusal):
     """The user's requests in flight, in any easel process, are at the limit."""
 
     code = ErrorCode.BUSY
+    limit = "requests in flight"
 
     def __init__(self, in_flight: int, limit: int):
         super().__init__(
@@ -167,37 +179,89 @@ class TooManyRequests(BudgetRefusal):
         )
 
 
+def _usd(micros: int) -> str:
+    return f"${micros_to_usd(micros):.4f}"
+
+
 class InsufficientFunds(BudgetRefusal):
-    def __init__(self, user_id: str, available_micros: int, needed_micros: int):
+    limit = "allowance"
+
+    def __init__(
+        self, user_id: str, available_micros: int, needed_micros: int, resets_at: float | None = None
+    ):
         self.user_id = user_id
         self.available_micros = available_micros
         self.needed_micros = needed_micros
-        super().__init__(
-            f"over budget: this costs up to ${micros_to_usd(needed_micros):.4f} and "
-            f"${micros_to_usd(available_micros):.4f} is available"
+        self.resets_at = resets_at
+        super().__init__(self.describe())
+
+    def describe(self, money: Any = None) -> str:
+        text = money.text if money is not None else _usd
+        return (
+            f"over budget: this costs up to {text(self.needed_micros)} and "
+            f"{text(self.available_micros)} is available"
         )
 
 
 class SpendCapReached(BudgetRefusal):
     code = ErrorCode.SPEND_CAP
+    limit = "daily spending cap"
 
-    def __init__(self, cap_micros: int):
+    def __init__(self, cap_micros: int, resets_at: float | None = None):
         self.cap_micros = cap_micros
-        super().__init__(
-            f"this server's daily spending cap of ${micros_to_usd(cap_micros):.2f} is reached; "
-            f"paid generation resumes at 00:00 UTC"
-        )
+        self.resets_at = resets_at
+        super().__init__(self.describe())
+
+    def describe(self, money: Any = None) -> str:
+        cap = money.text(self.cap_micros) if money is not None else f"${micros_to_usd(self.cap_micros):.2f}"
+        return f"this server's daily spending cap of {cap} is reached; paid generation resumes at 00:00 UTC"
 
 
 class GuildCapReached(BudgetRefusal):
     code = ErrorCode.SPEND_CAP
+    limit = "server's spending cap"
 
-    def __init__(self, cap_micros: int):
+    def __init__(self, cap_micros: int, resets_at: float | None = None):
         self.cap_micros = cap_micros
-        super().__init__(
-            f"this server's spending cap of ${micros_to_usd(cap_micros):.2f} for this budget "
-            f"period is reached; ask an admin to raise it"
-        )
+        self.resets_at = resets_at
+        super().__init__(self.describe())
+
+    def describe(self, money: Any = None) -> str:
+        cap = money.text(self.cap_micros) if money is not None else f"${micros_to_usd(self.cap_micros):.2f}"
+        return f"this server's spending cap of {cap} for this budget period is reached; ask an admin to raise it"
+
+
+class RateLimited(BudgetRefusal):
+    """Images per hour, a member's or a guild's (a rolling hour)."""
+
+    code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, whose: str, limit: int, resets_at: float):
+        self.whose, self.per_hour, self.resets_at = whose, limit, resets_at
+        self.limit = f"{whose} images per hour"
+        who = "you have" if whose == "your" else "this server has"
+        super().__init__(f"{who} made {limit} image{'' if limit == 1 else 's'} in the last hour, the limit")
+
+
+class ImageLimitReached(BudgetRefusal):
+    """Free local images are counted, not charged: this many per period."""
+
+    limit = "free images per period"
+
+    def __init__(self, limit: int, resets_at: float):
+        self.count, self.resets_at = limit, resets_at
+        super().__init__(f"you have made your {limit} free image{'' if limit == 1 else 's'} for this period")
+
+
+class MemberBlocked(BudgetRefusal):
+    """An admin blocked the member; `reason` is for admins, not shown to the member."""
+
+    code = ErrorCode.SUSPENDED
+    limit = "blocked"
+
+    def __init__(self, reason: str | None = None):
+        self.reason = reason
+        super().__init__("an admin has blocked you from generating images")
 
 
 @dataclass(frozen=True)
@@ -214,6 +278,17 @@ class Caps:
     # limit holds across processes (the bot and the CLI); 0: none. Jobs of one group count once.
     max_requests: int = 0
     group: str | None = None
+    # The member's roles (their allowance is the most generous role's; a role can be exempt).
+    roles: tuple[str, ...] = ()
+    # Images per rolling hour, per member and per guild; 0: no limit.
+    user_images_per_hour: int = 0
+    guild_images_per_hour: int = 0
+    # A free local image, counted against `images_per_period` rather than charged.
+    counted: bool = False
+    images_per_period: int = 0
+    # When the limits above lift (for the refusal): the guild's period and the UTC day end.
+    period_end: float | None = None
+    day_end: float | None = None
 
 
 # ---- generation -----------------------------------------------------------------------------
@@ -452,6 +527,7 @@ class Requester:
     guild_id: str | None = None
     channel_id: str | None = None
     nsfw_channel: bool = False
+    roles: tuple[str, ...] = ()  # the member's role ids (allowances and exemptions go by them)
 
 
 @dataclass(frozen=True)
@@ -581,6 +657,7 @@ class JobOutcome:
     error_code: ErrorCode | None = None
     image_path: str | None = None
     balance_usd: float | None = None
+    retry_at: float | None = None  # a budget refusal: when the limit lifts, where known
 
     @property
     def ok(self) -> bool:
@@ -602,6 +679,7 @@ class JobOutcome:
             "image_url": job.image_url if job else None,
             "error": self.error,
             "error_code": str(self.error_code) if self.error_code else None,
+            "retry_at": self.retry_at,
         }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .money import Money
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -29,4 +31,12 @@ class Policy:
     # Default negative prompts by model name or family (see core.negatives).
     negative_prompts: Mapping[str, str] = field(default_factory=dict)
     # Generators whose cost is not money spent with someone else (the daily cap does not apply).
-    unpaid_providers: frozenset[str] = frozenset({"local"})
+    unpaid_providers: frozenset[str] = frozenset({"local", "comfyui", "a1111"})
+    # Budgets: images per rolling hour (0: no limit); a guild's cap per period where the guild
+    # set none (0: none); free local images counted per member and period instead of charged
+    # (0: local images cost money like any other); how amounts are shown.
+    user_images_per_hour: int = 0
+    guild_images_per_hour: int = 0
+    guild_cap_micros: int = 0
+    free_images_per_period: int = 0
+    money: Money = field(default_factory=Money)

@@ -25,6 +25,7 @@ from .models import (
     UserSettings,
     Verdict,
 )
+from .money import LedgerEntry, SpendAlert, Terms
 
 
 class UnitOfWork(Protocol):
@@ -50,9 +51,37 @@ class JobStore(Protocol):
 
     def unfinished(self) -> builtins.list[JobRecord]: ...
 
+    def listed(
+        self,
+        *,
+        user_id: str | None = None,
+        guild_id: str | None = None,
+        sha256: str | None = None,
+        source_job_id: int | None = None,
+        offset: int = 0,
+        limit: int = 24,
+    ) -> builtins.list[JobRecord]:
+        """What the gallery may show, newest first: done jobs with an image, posted where the
+        channel sees them (`public`), not from an age-restricted channel, neither hidden nor
+        deleted; narrowed by each filter given."""
+        ...
+
+    def hide(self, job_id: int, actor: str) -> bool:
+        """Take a job out of the gallery (an admin's decision); False if there is no such job."""
+        ...
+
+    def delete_from_gallery(self, job_id: int) -> bool:
+        """Take a job out of the gallery at its requester's wish; False if there is no such job."""
+        ...
+
 
 class Ledger(Protocol):
-    def balance(self, user_id: str) -> Balance: ...
+    """Balances and reservations; every movement an append-only entry. An allowance refills
+    lazily, once per period, on the first call that touches the account in a new period."""
+
+    terms: Terms
+
+    def balance(self, user_id: str, roles: tuple[str, ...] = ()) -> Balance: ...
 
     def reserve(
         self, user_id: str, job_id: int, amount_micros: int, caps: Caps, provider: str | None = None
@@ -66,11 +95,25 @@ class Ledger(Protocol):
 
     def held_job_ids(self) -> list[int]: ...
 
-    def set_balance(self, user_id: str, amount_micros: int, actor: str | None = None) -> Adjustment: ...
+    def set_balance(
+        self, user_id: str, amount_micros: int, actor: str | None = None, reason: str | None = None
+    ) -> Adjustment: ...
 
-    def grant(self, user_id: str, amount_micros: int, actor: str | None = None) -> Adjustment: ...
+    def grant(
+        self, user_id: str, amount_micros: int, actor: str | None = None, reason: str | None = None
+    ) -> Adjustment: ...
 
-    def reset(self, user_id: str, actor: str | None = None) -> Adjustment: ...
+    def reset(self, user_id: str, actor: str | None = None, roles: tuple[str, ...] = ()) -> Adjustment: ...
+
+    def set_blocked(
+        self, user_id: str, blocked: bool, reason: str | None = None, actor: str | None = None
+    ) -> None: ...
+
+    def blocked(self, user_id: str) -> str | None:
+        """Why the member is blocked ("" without a reason); None when not blocked."""
+        ...
+
+    def history(self, user_id: str, limit: int = 50, before_id: int | None = None) -> list[LedgerEntry]: ...
 
     def spent_since(self, user_id: str, since: float) -> int: ...
 
@@ -79,6 +122,32 @@ class Ledger(Protocol):
     ) -> list[tuple[str, int]]: ...
 
     def spend_by_provider(self, since: float, guild_id: str | None = None) -> dict[str, int]: ...
+
+    def spend_rows(self, since: float, guild_id: str | None = None) -> list[tuple[Any, ...]]:
+        """(user, roles comma-separated, guild, provider, model, closed_at, charged) per paid job."""
+        ...
+
+    def claim_alerts(
+        self, daily_cap_micros: int, guild_id: str | None = None, guild_cap_micros: int | None = None
+    ) -> list[SpendAlert]:
+        """Thresholds of the caps that spend reached and no one was told of yet, each once."""
+        ...
+
+
+class BudgetRules(Protocol):
+    """Allowances per period set by admins (scope default, role or user) and exemptions."""
+
+    def set_allowance(self, scope: str, subject_id: str, amount_micros: int | None, actor: str | None) -> None: ...
+
+    def allowances(self) -> dict[tuple[str, str], int]: ...
+
+    def allowance_of(self, user_id: str, roles: tuple[str, ...], default: int) -> int: ...
+
+    def set_exempt(self, scope: str, subject_id: str, exempt: bool, actor: str | None) -> None: ...
+
+    def exemptions(self) -> list[tuple[str, str]]: ...
+
+    def exempt(self, user_id: str, roles: tuple[str, ...] = ()) -> bool: ...
 
 
 class BlobStore(Protocol):
@@ -182,6 +251,11 @@ class Observer(Protocol):
         """A moderation block: stage is prompt, upload, output or provider."""
         ...
 
+    def spend_alert(self, alert: SpendAlert) -> None:
+        """Spend passed a threshold of a cap (once per threshold and period). Called from a
+        worker thread."""
+        ...
+
 
 class NoObserver:
     def job_finished(self, job: JobRecord) -> None:
@@ -191,6 +265,9 @@ class NoObserver:
         pass
 
     def blocked(self, stage: str, category: str) -> None:
+        pass
+
+    def spend_alert(self, alert: SpendAlert) -> None:
         pass
 
 

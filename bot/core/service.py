@@ -225,7 +225,11 @@ class EaselService:
                 with watch("reserve"):
                     allowance = self.enhancer.allowance_micros() if enhance else 0
                     await self.billing.reserve(
-                        job, plan, self.billing.estimate_micros(plan) + allowance, group
+                        job,
+                        plan,
+                        self.billing.estimate_micros(plan) + allowance,
+                        group,
+                        request.requester.roles,
                     )
                 if enhance:
                     plan = await _enhance(self.enhancer, self.screening, request, plan, watch, done)
@@ -245,7 +249,8 @@ class EaselService:
                         )
             return await self._check_and_store(result, plan, nsfw, watch)
         except BudgetRefusal as exc:
-            return Ending(JobStatus.REFUSED, exc.code, str(exc), timings=watch.ms)
+            text = exc.describe(self.policy.money)
+            return Ending(JobStatus.REFUSED, exc.code, text, timings=watch.ms, retry_at=exc.resets_at)
         except Refusal as exc:
             blocked = exc if isinstance(exc, Blocked) else None
             return Ending(exc.status, exc.code, str(exc), timings=watch.ms, blocked=blocked)

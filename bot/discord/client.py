@@ -15,6 +15,8 @@ from ..bootstrap import App
 from ..config import ConfigError, DiscordSettings, Settings, listen_error
 from .cogs.account import Account
 from .cogs.admin import Admin
+from .cogs.budget import Budget
+from .cogs.gallery import Gallery
 from .cogs.generate import Generate
 from .cogs.results import Results
 from .delivery import Delivery
@@ -46,8 +48,9 @@ class EaselClient(commands.Bot):
     async def setup_hook(self) -> None:
         await self.app.accounts.load_settings()
         for cog in (Generate(self.delivery), Results(self, self.delivery), Account(self.delivery),
-                    Admin(self.delivery)):
+                    Admin(self.delivery), Budget(self.delivery), Gallery(self.delivery)):
             await self.add_cog(cog)
+        self.app.metrics.alert_listeners.append(self.delivery.spend_alert_poster(asyncio.get_running_loop()))
         self.add_dynamic_items(ResultButton)
         if self.discord_settings.sync_guilds:
             for guild_id in self.discord_settings.sync_guilds:

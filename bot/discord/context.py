@@ -19,14 +19,21 @@ def channel_is_nsfw(channel) -> bool:
     return bool(is_nsfw()) if callable(is_nsfw) else bool(getattr(channel, "nsfw", False))
 
 
-def requester(source: discord.Interaction | discord.RawReactionActionEvent, user_id: int, channel) -> Requester:
+def role_ids(member) -> tuple[str, ...]:
+    """A guild member's role ids (allowances and exemptions go by them); none in a DM."""
+    return tuple(str(r.id) for r in getattr(member, "roles", None) or () if not getattr(r, "is_default", lambda: False)())
+
+
+def requester(source: discord.Interaction | discord.RawReactionActionEvent, user_id: int, channel,
+              member=None) -> Requester:
     guild_id = getattr(source, "guild_id", None)
     return Requester(str(user_id), str(guild_id) if guild_id else None,
-                     str(channel.id) if channel is not None else None, channel_is_nsfw(channel))
+                     str(channel.id) if channel is not None else None, channel_is_nsfw(channel),
+                     roles=role_ids(member))
 
 
 def of_interaction(interaction: discord.Interaction) -> Requester:
-    return requester(interaction, interaction.user.id, interaction.channel)
+    return requester(interaction, interaction.user.id, interaction.channel, interaction.user)
 
 
 def is_admin(member, settings: DiscordSettings) -> bool:

@@ -13,6 +13,7 @@ import discord
 
 from ..bootstrap import App
 from ..config import DiscordSettings
+from ..core.gallery import page_link
 from ..core.models import ErrorCode, EventSink, JobEvent, JobOutcome, JobRecord, UserSettings
 from .context import channel_is_nsfw
 from .errors import CANCELLED_BY_RESTART, RESTARTING, refusal_text, tell_privately
@@ -207,6 +208,29 @@ class Delivery:
             except discord.HTTPException as exc:
                 log.info("could not send a tip: %s", exc)
 
+    def spend_alert_poster(self, loop: asyncio.AbstractEventLoop):
+        """A listener for the metrics' spend alerts (called from worker threads) that posts each
+        to the admin channel on `loop`."""
+
+        def post(alert) -> None:
+            text = "\U0001f4b8 " + alert.describe(self.app.budgets.money)
+            asyncio.run_coroutine_threadsafe(self.to_admin_channel(text[0].upper() + text[1:] + "."), loop)
+
+        return post
+
+    async def to_admin_channel(self, text: str) -> bool:
+        """Post to the configured admin channel; False when there is none or it failed."""
+        channel_id, client = self.settings.admin_channel, self.client
+        if not channel_id or client is None:
+            return False
+        try:
+            channel = client.get_channel(int(channel_id)) or await client.fetch_channel(int(channel_id))
+            await channel.send(text, allowed_mentions=discord.AllowedMentions.none())  # type: ignore[union-attr]
+            return True
+        except (discord.HTTPException, AttributeError) as exc:
+            log.warning("could not post to the admin channel %s: %s", channel_id, exc)
+            return False
+
     async def _note_cooldown(self, user_id: int) -> None:
         """Tell the admin channel, once, that a member is cooling down after repeated blocks."""
         channel_id = self.settings.admin_channel
@@ -220,14 +244,7 @@ class Delivery:
         until = int(started.created_at + p.cooldown_s)
         text = (f"\u26a0\ufe0f <@{user_id}> had {p.cooldown_after} requests blocked in a short time (latest: "
                 f"{started.stage}, `{started.rule}`); they can ask again <t:{until}:R>. See /moderation log.")
-        client = self.client
-        if client is None:
-            return
-        try:
-            channel = client.get_channel(int(channel_id)) or await client.fetch_channel(int(channel_id))
-            await channel.send(text, allowed_mentions=discord.AllowedMentions.none())  # type: ignore[union-attr]
-        except (discord.HTTPException, AttributeError) as exc:
-            log.warning("could not post to the admin channel %s: %s", channel_id, exc)
+        await self.to_admin_channel(text)
 
     async def _tell(self, interaction: discord.Interaction, text: str, started: float) -> None:
         if not token_expired(started):
@@ -241,12 +258,13 @@ class Delivery:
             await interaction.channel.send(f"<@{interaction.user.id}> {text}", delete_after=120,
                                            allowed_mentions=discord.AllowedMentions(users=True))
 
-    async def _result_parts(self, outcome: JobOutcome, limit: int):
+    async def _result_parts(self, outcome: JobOutcome, limit: int, *, private: bool = False):
         job = outcome.job
         assert job is not None
         data = await self.app.results.image(job)
         file, compressed = await asyncio.to_thread(image_file, job, data, limit)
-        embed = result_embed(job, outcome.balance_usd, file.filename, job.image_url)
+        page = page_link(self.app.settings.storage.public_url, job, public=not private)
+        embed = result_embed(job, outcome.balance_usd, file.filename, page or job.image_url)
         if compressed:
             embed.add_field(name="Full size", value=f"[{job.width}\u00d7{job.height} PNG]({job.image_url})",
                             inline=False)
@@ -254,7 +272,7 @@ class Delivery:
 
     async def _deliver(self, interaction: discord.Interaction, outcome: JobOutcome, started: float,
                        *, private: bool, first: bool) -> None:
-        file, embed, view = await self._result_parts(outcome, interaction.filesize_limit)
+        file, embed, view = await self._result_parts(outcome, interaction.filesize_limit, private=private)
         message = None
         if not token_expired(started):
             try:

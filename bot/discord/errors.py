@@ -19,6 +19,8 @@ WORDING: dict[ErrorCode, str] = {
     ErrorCode.OVER_BUDGET: "\U0001f4b8 {error}. Ask an admin for more budget.",
     ErrorCode.SPEND_CAP: "\u23f8\ufe0f {error}.",
     ErrorCode.BUSY: "\u23f3 {error}.",
+    ErrorCode.RATE_LIMITED: "\u23f3 {error}.",
+    ErrorCode.SUSPENDED: "\U0001f6ab {error}.",
     ErrorCode.BLOCKED: "\U0001f6ab Not allowed: {error}. Nothing was charged.",
     ErrorCode.CANCELLED: "\u274c Cancelled. Nothing was charged.",
     ErrorCode.INTERRUPTED: "\u26a0\ufe0f That was interrupted: {error}. Nothing was charged.",
@@ -49,7 +51,13 @@ def wording(code: str | None, error: str | None) -> str:
 
 
 def refusal_text(outcome) -> str:
-    return wording(outcome.error_code or ErrorCode.FAILED, outcome.error)
+    """The wording, and for a budget limit when it lifts (a Discord timestamp, in the member's
+    own time zone)."""
+    text = wording(outcome.error_code or ErrorCode.FAILED, outcome.error)
+    retry_at = getattr(outcome, "retry_at", None)
+    if retry_at:
+        text += f" {'It refills' if outcome.error_code == ErrorCode.OVER_BUDGET else 'It lifts'} <t:{int(retry_at)}:R>."
+    return text
 
 
 async def tell_privately(interaction: discord.Interaction, text: str, *, drop_original: bool = False) -> None:

@@ -9,6 +9,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from bot.core.money import Terms
 from bot.core.models import (
     ALLOWED,
     Adjustment,
@@ -35,6 +36,8 @@ class MemoryJobs:
     def __init__(self):
         self.rows: dict[int, JobRecord] = {}
         self._ids = itertools.count(1)
+        self.hidden: dict[int, str] = {}  # the gallery's: job id -> who hid it
+        self.deleted: set[int] = set()
 
     def create(self, **values) -> JobRecord:
         job = JobRecord(id=next(self._ids), **values)
@@ -61,18 +64,44 @@ class MemoryJobs:
     def unfinished(self):
         return [j for j in self.rows.values() if not j.status.final]
 
+    def listed(self, *, user_id=None, guild_id=None, sha256=None, source_job_id=None, offset=0, limit=24):
+        wanted = {"user_id": user_id, "guild_id": guild_id, "sha256": sha256, "source_job_id": source_job_id}
+        rows = [j for j in reversed(self.rows.values())
+                if j.status == JobStatus.DONE and j.sha256 and j.public and not j.nsfw_channel
+                and not j.spoiler and j.id not in self.hidden and j.id not in self.deleted
+                and all(v is None or getattr(j, k) == v for k, v in wanted.items())]
+        return rows[offset:offset + limit]
+
+    def hide(self, job_id, actor):
+        if job_id not in self.rows:
+            return False
+        self.hidden.setdefault(job_id, actor)
+        return True
+
+    def delete_from_gallery(self, job_id):
+        if job_id not in self.rows:
+            return False
+        self.deleted.add(job_id)
+        return True
+
 
 class MemoryLedger:
     """Balances and reservations in dicts; the same rules as the SQLite ledger's."""
 
     def __init__(self, allowance_micros: int):
         self.allowance = allowance_micros
+        self.terms = Terms(default_allowance_micros=allowance_micros)
+        self.alerts: list = []  # what claim_alerts hands out, once
         self.balances: dict[str, int] = {}
         self.held: dict[int, tuple[str, int]] = {}
         self.charged: dict[int, int] = {}
         self.groups: dict[int, str | None] = {}
 
-    def balance(self, user_id):
+    def claim_alerts(self, daily_cap_micros, guild_id=None, guild_cap_micros=None):
+        given, self.alerts = self.alerts, []
+        return given
+
+    def balance(self, user_id, roles=()):
         reserved = sum(a for u, a in self.held.values() if u == user_id)
         return Balance(user_id, self.balances.get(user_id, self.allowance), reserved)
 

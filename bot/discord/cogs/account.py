@@ -6,31 +6,34 @@ from discord import app_commands
 from discord.ext import commands
 
 from ...core.enhancing import NOT_SET_UP
-from ...core.models import Refusal, micros_to_usd
+from ...core.models import Refusal
+from ..context import role_ids
 from ..delivery import Delivery
 from ..errors import Refused
 from .generate import model_autocomplete
-
-
-def usd(micros: int) -> str:
-    return f"${micros_to_usd(micros):.4f}"
 
 
 class Account(commands.Cog):
     def __init__(self, delivery: Delivery):
         self.app = delivery.app
 
-    @app_commands.command(description="Your balance, spend this period and recent jobs")
+    @app_commands.command(description="Your allowance, what is left, when it refills, and your recent jobs")
     async def usage(self, interaction: discord.Interaction) -> None:
-        usage = await self.app.accounts.usage(str(interaction.user.id))
-        balance = usage.balance
-        held = f" ({usd(balance.reserved_micros)} held for running jobs)" if balance.reserved_micros else ""
-        lines = [f"**Balance** {usd(balance.available_micros)}{held}",
-                 f"**Spent this {usage.period}** {usd(usage.spent_micros)}"]
-        if usage.recent:
+        m = await self.app.budgets.member(str(interaction.user.id), role_ids(interaction.user))
+        text, b = self.app.budgets.money.text, m.balance
+        held = f" ({text(b.reserved_micros)} held for running jobs)" if b.reserved_micros else ""
+        lines = [f"**Available** {text(b.available_micros)}{held}"]
+        if m.exempt:
+            lines.append("You are exempt from limits.")
+        else:
+            lines.append(f"**Allowance** {text(m.allowance_micros)} per {m.period}, refills <t:{int(m.refills_at)}:R>")
+        lines.append(f"**Spent this {m.period}** {text(m.spent_micros)}")
+        if m.blocked is not None:
+            lines.append("\U0001f6ab An admin has blocked you from generating images.")
+        if m.recent:
             lines.append("**Recent jobs**")
-            lines += [f"`{j.id}` {j.status} \u00b7 {j.kind} \u00b7 {j.model or '-'} \u00b7 {usd(j.cost_micros)} \u00b7 "
-                      f"{discord.utils.escape_markdown(j.prompt[:60])}" for j in usage.recent]
+            lines += [f"`{j.id}` {j.status} \u00b7 {j.kind} \u00b7 {j.model or '-'} \u00b7 {text(j.cost_micros)} \u00b7 "
+                      f"{discord.utils.escape_markdown(j.prompt[:60])}" for j in m.recent]
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
     @app_commands.command(name="settings", description="Your defaults: model, aspect, private results")

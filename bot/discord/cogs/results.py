@@ -68,7 +68,7 @@ class Results(commands.Cog):
                 await channel.get_partial_message(payload.message_id).delete()  # type: ignore[union-attr]
                 await self.app.results.delivered(job.id, None)
             return
-        who = requester(payload, payload.user_id, channel)
+        who = requester(payload, payload.user_id, channel, payload.member)
         await self.delivery.in_channel(channel, payload.user_id, self.action(action, job, who),
                                        payload.message_id, who.nsfw_channel)
 
