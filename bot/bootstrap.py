@@ -4,6 +4,7 @@ the service. Tests and benchmarks pass `Overrides` for the seams they replace.""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from bot.core.money import Money, Terms
 from bot.core.negatives import BUILTIN as BUILTIN_NEGATIVES
 from bot.core.planning import Planner
 from bot.core.policy import Policy
-from bot.core.ports import Clock, Generator, ImageScreen, PromptEnhancer, PromptScreen
+from bot.core.ports import Clock, Generator, ImageScreen, PromptEnhancer, PromptScreen, Provenance
 from bot.core.recovery import recover, this_process
 from bot.core.results import Results
 from bot.core.routing import RetryPolicy, Router
@@ -37,6 +38,8 @@ from storage.s3 import S3BlobStore
 
 from .config import GENERATORS, ConfigError, Settings, queue_limits
 from .metrics import Metrics
+
+log = logging.getLogger("easel")
 
 
 class SystemClock:
@@ -61,7 +64,7 @@ class App:
     db: Database
     ledger: Ledger
     jobs: JobStore
-    blobs: LocalBlobStore
+    blobs: LocalBlobStore | S3BlobStore
     preferences: Preferences
     router: Router
     screening: Screening
@@ -140,6 +143,9 @@ class App:
         enhancer = self.service.enhancer.enhancer
         if enhancer is not None and hasattr(enhancer, "close"):
             await enhancer.close()
+        close_blobs = getattr(self.blobs, "close", None)  # an S3 store's client and thread
+        if close_blobs is not None:
+            await asyncio.to_thread(close_blobs)
         self.db.close()
 
 
@@ -312,6 +318,19 @@ def build_enhancer(settings: Settings, policy: Policy) -> Enhancer:
     return Enhancer(chat, on_failure=e.on_failure, max_prompt_chars=policy.max_prompt_chars)
 
 
+def build_provenance(settings: Settings) -> Provenance:
+    """The stamp every stored image gets; a bad certificate or key is one line at start-up."""
+    from storage.provenance import Provenance
+
+    try:
+        provenance = Provenance(**settings.provenance.provenance_kwargs(settings))
+    except StorageError as exc:
+        raise ConfigError(f"{exc} (from {settings.source or 'built-in defaults'})") from None
+    if reason := provenance.unsigned_reason():
+        log.info("%s", reason)
+    return provenance
+
+
 def review_store(settings: Settings) -> LocalBlobStore | None:
     """Where blocked outputs are kept for review, if the settings keep them; outside the images
     folder, so the image server never serves them."""
@@ -345,8 +364,12 @@ def open_storage(
         setting = "storage.s3"
         try:
             blobs = S3BlobStore(
-                st.s3.bucket.strip(), prefix=st.s3.prefix, region=st.s3.region, endpoint_url=st.s3.endpoint_url,
-                public_base_url=st.s3.public_base_url, presign_ttl_s=st.s3.presign_ttl_s,
+                st.s3.bucket.strip(),
+                prefix=st.s3.prefix,
+                region=st.s3.region,
+                endpoint_url=st.s3.endpoint_url,
+                public_base_url=st.s3.public_base_url,
+                presign_ttl_s=st.s3.presign_ttl_s,
             )
         except StorageError as exc:
             raise ConfigError(f"{setting} (from {where}): {exc}") from None
@@ -404,6 +427,7 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         moderation=moderation,
         clock=clock,
         review=review_store(settings),
+        provenance=build_provenance(settings),
     )
     metrics.watch(service.admission.load, lambda: {p: b.state for p, b in service.router.breakers.items()})
     return App(

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .core.flags import OPTION_FLAGS
@@ -172,7 +173,11 @@ def _moderation_parser(sub) -> None:
 
 
 def _other_parsers(sub) -> None:
+    from . import cli_provenance, cli_storage
+
     _moderation_parser(sub)
+    cli_storage.add_parser(sub)
+    cli_provenance.add_parser(sub)
     p = sub.add_parser("jobs", help="list recent jobs")
     p.add_argument("--user", type=_user)
     p.add_argument("--limit", type=_limit, default=20, help="how many (1-1000)")
@@ -202,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "imagine": _job_command, "variation": _job_command, "edit": _job_command,
         "upscale": _job_command, "zoom": _job_command, "pan": _job_command, "jobs": _jobs, "budget": _budget, "models": _models,
         "check": _check, "doctor": _doctor, "moderation": _moderation, "serve": _serve, "run": _run_bot,
+        "storage": _storage, "provenance": _provenance,
     }[args.command]
     try:
         return handler(settings, args)
@@ -306,6 +312,8 @@ async def _run_job(settings, request, *, as_json: bool) -> int:
     bar = None if as_json else ProgressBar(sys.stderr, loads_model=_loads_model(app, request))
     try:
         outcome = await app.service.submit(request, on_event=bar.update if bar else None)
+        if outcome.job is not None:
+            outcome = replace(outcome, job=(await app.results.fresh([outcome.job]))[0])
     finally:
         if bar:
             bar.close()
@@ -423,7 +431,7 @@ def _jobs(settings, args) -> int:
     async def read():
         app = _app(settings)
         try:
-            return await app.results.recent(args.user, args.limit)
+            return await app.results.fresh(await app.results.recent(args.user, args.limit))
         finally:
             await app.close()
 
@@ -533,6 +541,18 @@ def _budget(settings, args) -> int:
     from . import cli_budget
 
     return cli_budget.run(settings, args)
+
+
+def _storage(settings, args) -> int:
+    from . import cli_storage
+
+    return cli_storage.run(settings, args)
+
+
+def _provenance(settings, args) -> int:
+    from . import cli_provenance
+
+    return cli_provenance.run(settings, args)
 
 
 def _models(settings, args) -> int:
@@ -658,6 +678,7 @@ def _doctor(settings, args) -> int:
 def _doctor_storage(settings):
     """The images folder and the database, as every command opens them (open_storage)."""
     import sqlite3
+    from urllib.parse import urlsplit
 
     from storage.db import Database
     from storage.errors import StorageError
@@ -673,16 +694,23 @@ def _doctor_storage(settings):
     existed = db_path.is_file()
     db = None
     out = []
+    label, where = "images folder", f"{images_dir} (writable)"
+    if settings.storage.backend == "s3":
+        s3 = settings.storage.s3
+        host = urlsplit(s3.endpoint_url).hostname if s3.endpoint_url else "AWS"
+        label, where = "image store", f"S3 bucket {s3.bucket} ({host}; writable)"
+        images_fix = "check storage.s3 and the AWS credentials in the environment"
     try:
-        db, _ = open_storage(settings)
-        out.append((OK, "images folder", f"{images_dir} (writable)", ""))
+        db, blobs = open_storage(settings)
+        getattr(blobs, "close", lambda: None)()
+        out.append((OK, label, where, ""))
     except ConfigError as exc:
-        if not str(exc).startswith("storage.images_dir"):
-            out.append((OK, "images folder", f"{images_dir} (writable)", ""))
+        if not str(exc).startswith(("storage.images_dir", "storage.s3")):
+            out.append((OK, label, where, ""))
             if "newer than this easel" in str(exc):
                 db_fix = "upgrade easel to the version that wrote it, or point storage.database at another file"
             return [*out, (FAIL, "database", str(exc), db_fix)]
-        out.append((FAIL, "images folder", str(exc), images_fix))
+        out.append((FAIL, label, str(exc), images_fix))
         try:  # open_storage stopped at the images folder: the database on its own
             db = Database(db_path)
         except StorageError as exc:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from storage.blobs import LocalBlobStore
 from storage.server import make_image_app
 
 from .bootstrap import App
@@ -18,7 +19,11 @@ from .metrics import CONTENT_TYPE
 def make_http_app(app: App, *, discord_ready: Callable[[], bool] | None = None) -> web.Application:
     """The image server with the operator's endpoints. `discord_ready` (when running the bot)
     says whether the bot is connected to Discord."""
-    http = make_image_app(app.blobs)
+    if isinstance(app.blobs, LocalBlobStore):
+        http = make_image_app(app.blobs)
+    else:  # images are served by the bucket (or the CDN in front of it)
+        http = web.Application()
+        http.router.add_get("/healthz", _healthz)
 
     async def metrics(request: web.Request) -> web.Response:
         body = await asyncio.to_thread(app.metrics.exposition)
@@ -59,3 +64,7 @@ def readiness(app: App) -> dict[str, dict[str, object]]:
 
 def _check(ok: bool, detail: str, problem: str = "") -> dict[str, object]:
     return {"ok": ok, "detail": detail if ok else problem}
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})

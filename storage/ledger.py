@@ -21,22 +21,16 @@ from bot.core.models import (
     Adjustment,
     Balance,
     Caps,
-    GuildCapReached,
-    ImageLimitReached,
     InsufficientFunds,
     MemberBlocked,
-    RateLimited,
-    SpendCapReached,
-    TooManyRequests,
     period_start,
 )
 from bot.core.money import Terms, period_end, periods_between, refill
 
+from . import limits
 from .budget_rules import is_exempt, member_allowance
 from .db import Database
 from .spend import SpendRecords
-
-HOUR = 3600.0
 
 
 class Ledger(SpendRecords):
@@ -125,17 +119,15 @@ class Ledger(SpendRecords):
             if account is not None and account["blocked_at"] is not None:
                 raise MemberBlocked(account["blocked_reason"])
             exempt = is_exempt(conn, user_id, caps.roles)
+            t = self.clock()
             if caps.max_requests:
-                self._check_in_flight(conn, user_id, caps)
+                limits.check_in_flight(conn, user_id, caps)
             if not exempt:
-                self._check_rates(conn, user_id, caps)
-                self._check_guild_cap(conn, amount_micros, caps)
-            if caps.paid and caps.daily_cap_micros:
-                committed = self._committed(conn, "paid = 1", (), caps.day_start)
-                if committed + amount_micros > caps.daily_cap_micros:
-                    raise SpendCapReached(caps.daily_cap_micros, caps.day_end)
+                limits.check_rates(conn, user_id, caps, t)
+                limits.check_guild_cap(conn, amount_micros, caps)
+            limits.check_daily_cap(conn, amount_micros, caps)
             if caps.counted and caps.images_per_period and not exempt:
-                self._check_count(conn, user_id, caps.images_per_period)
+                limits.check_count(conn, user_id, caps.images_per_period, self.terms.period, t)
             account = self._refresh(conn, user_id, caps.roles)
             balance, reserved = account["balance_micros"], account["reserved_micros"]
             if not exempt and balance - reserved < amount_micros:
@@ -155,57 +147,6 @@ class Ledger(SpendRecords):
             self._entry(conn, user_id, "reserve", 0, held, job_id=job_id,
                         reason=f"exempt from limits: {amount_micros} micros not held" if exempt else None)
             return Balance(user_id, balance, reserved + held)
-
-    def _check_in_flight(self, conn: sqlite3.Connection, user_id: str, caps: Caps) -> None:
-        # Other requests of this user holding money, in any process (one group: once).
-        in_flight = conn.execute(
-            "SELECT COUNT(DISTINCT COALESCE(request_group, 'job:' || job_id)) FROM reservations"
-            " WHERE user_id = ? AND state = 'held' AND (? IS NULL OR request_group IS NOT ?)",
-            (user_id, caps.group, caps.group),
-        ).fetchone()[0]
-        if in_flight >= caps.max_requests:
-            raise TooManyRequests(in_flight, caps.max_requests)
-
-    def _check_rates(self, conn: sqlite3.Connection, user_id: str, caps: Caps) -> None:
-        """Images per rolling hour: what is held or charged counts, a refunded job does not."""
-        since = self.clock() - HOUR
-        for whose, column, subject, limit in (("your", "user_id", user_id, caps.user_images_per_hour),
-                                              ("the server's", "guild_id", caps.guild_id, caps.guild_images_per_hour)):
-            if not limit or subject is None:
-                continue
-            times = conn.execute(
-                f"SELECT created_at FROM reservations WHERE {column} = ? AND created_at > ?"
-                " AND state != 'released' ORDER BY created_at DESC LIMIT ?",
-                (subject, since, limit),
-            ).fetchall()
-            if len(times) >= limit:  # one more is allowed once the oldest of these is an hour old
-                raise RateLimited(whose, limit, times[-1][0] + HOUR)
-
-    def _check_guild_cap(self, conn: sqlite3.Connection, amount_micros: int, caps: Caps) -> None:
-        if caps.guild_id is None or caps.guild_cap_micros is None:
-            return
-        committed = self._committed(conn, "guild_id = ?", (caps.guild_id,), caps.period_start)
-        if committed + amount_micros > caps.guild_cap_micros:
-            raise GuildCapReached(caps.guild_cap_micros, caps.period_end)
-
-    def _check_count(self, conn: sqlite3.Connection, user_id: str, limit: int) -> None:
-        t = self.clock()
-        made = conn.execute(
-            "SELECT COUNT(*) FROM reservations WHERE user_id = ? AND counted = 1 AND state != 'released'"
-            " AND created_at >= ?",
-            (user_id, period_start(self.terms.period, t)),
-        ).fetchone()[0]
-        if made >= limit:
-            raise ImageLimitReached(limit, period_end(self.terms.period, t))
-
-    @staticmethod
-    def _committed(conn: sqlite3.Connection, where: str, params: tuple, since: float) -> int:
-        """Held now plus charged since `since`, of the reservations `where` selects."""
-        return conn.execute(
-            "SELECT COALESCE(SUM(CASE WHEN state = 'held' THEN amount_micros ELSE charged_micros END), 0)"
-            f" FROM reservations WHERE {where} AND (state = 'held' OR (state = 'settled' AND closed_at >= ?))",
-            (*params, since),
-        ).fetchone()[0]
 
     def _close(self, conn: sqlite3.Connection, job_id: int) -> sqlite3.Row | None:
         return conn.execute(

@@ -119,3 +119,16 @@ def start_app(settings, generators=None, image_screen=None, queue_limits=None):
                                         queue_limits=queue_limits or {}))
     app.recover()
     return app
+
+
+def pixels(source) -> str:
+    """The sha256 of an image's decoded RGBA pixels (and size), from a path or bytes: stored files
+    carry their job's provenance, so two jobs with the same pixels differ as files."""
+    import hashlib
+    import io as _io
+
+    from PIL import Image
+
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    image = Image.open(_io.BytesIO(data)).convert("RGBA")
+    return hashlib.sha256(repr(image.size).encode() + image.tobytes()).hexdigest()

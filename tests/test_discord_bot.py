@@ -1264,3 +1264,61 @@ async def test_admins_hear_once_when_a_member_is_cooled_down(fake, make_bot, bob
     await asyncio.sleep(0.3)
     assert len(notes()) == 1  # the third, cooled-down request adds no second note
     assert [j.status for j in bot.jobs()] == ["blocked", "blocked"]  # the cooled one made no job
+
+
+# ---- budgets: roles, limits with their reset time, blocks, spend alerts ---------------------------
+
+
+async def test_a_roles_allowance_applies_to_its_members(fake, make_bot):
+    bot = await make_bot()
+    moderators = next(r for r in fake.guild.roles.values() if r.name == "Moderator")
+    text = await budget(fake, "allowance set", {"amount": 3.0, "role": moderators})
+    assert text.startswith("Done; it applies from the next refill") and f"<@&{moderators.id}> $3.0000" in text
+    usage = await immediate_reply(fake, await fake.send_slash_command("usage", {}, user=fake.moderator))
+    assert "**Available** $3.0000" in usage.content and "**Allowance** $3.0000 per month" in usage.content
+    usage = await immediate_reply(fake, await fake.send_slash_command("usage", {}, user=fake.user))
+    assert "**Available** $1.0000" in usage.content  # no role: the default
+    text = await budget(fake, "exempt", {"on": True, "role": moderators})
+    assert text == f"<@&{moderators.id}> is now exempt from limits."
+    shown = await budget(fake, "allowance show")
+    assert f"**Exempt from limits** <@&{moderators.id}>" in shown
+
+
+async def test_a_rate_limit_says_when_it_lifts(fake, make_bot):
+    bot = await make_bot({"budget": {"user_images_per_hour": 1}})
+    await imagine_result(bot, {"prompt": "a kite"})
+    text = await refusal_of(fake, await fake.send_slash_command("imagine", {"prompt": "a second kite"}))
+    first = bot.jobs()[0]
+    assert text == (f"\u23f3 you have made 1 image in the last hour, the limit. "
+                    f"It lifts <t:{int(first.created_at + 3600)}:R>."), text
+    assert bot.jobs()[-1].error_code == "rate_limited" and bot.held() == []
+
+
+async def test_a_blocked_member_is_refused_and_admins_see_why(fake, make_bot, bob):
+    bot = await make_bot()
+    assert "Blocked them" in await budget(fake, "block", {"user": bob, "reason": "spam in #general"})
+    text = await refusal_of(fake, await fake.send_slash_command("imagine", {"prompt": "a dog"}, user=bob))
+    assert text == "\U0001f6ab an admin has blocked you from generating images.", text
+    assert "spam" not in text
+    assert "**Blocked**: spam in #general" in await budget(fake, "show", {"user": bob})
+    await budget(fake, "unblock", {"user": bob})
+    await imagine_result(bot, {"prompt": "a dog"}, user=bob)
+
+
+async def test_spend_alerts_reach_the_admin_channel_once_per_threshold(fake, make_bot):
+    bot = await make_bot({"budget": {"daily_spend_cap_usd": 0.02},
+                          "discord": {"admin_channel": str(fake.nsfw_channel.id)}})
+
+    def alerts():
+        return [m.content for m in fake.messages(fake.nsfw_channel) if "spend alert" in (m.content or "")]
+
+    await imagine_result(bot, {"prompt": "a first coin"})  # $0.01 of $0.02: 50%
+    [half] = await eventually(lambda: alerts() or None, what="the 50% alert")
+    assert "at 50% of its cap ($0.0100 of $0.0200; passed 50%)" in half
+    await imagine_result(bot, {"prompt": "a second coin"})  # 100%: the 80% is passed with it
+    await eventually(lambda: len(alerts()) == 2 or None, what="the 100% alert")
+    assert "passed 100%" in alerts()[1]
+    text = await refusal_of(fake, await fake.send_slash_command("imagine", {"prompt": "a third coin"}))
+    assert "daily spending cap of $0.0200 is reached. It lifts <t:" in text, text
+    await asyncio.sleep(0.3)
+    assert len(alerts()) == 2

@@ -93,9 +93,7 @@ class Billing:
     ) -> None:
         """Hold the estimate or raise a BudgetRefusal. A cancelled caller still lets a started
         reservation land, so that the refund after it cannot miss it."""
-        reserving = asyncio.ensure_future(
-            asyncio.to_thread(self._reserve, job, plan, estimate, group, roles)
-        )
+        reserving = asyncio.ensure_future(asyncio.to_thread(self._reserve, job, plan, estimate, group, roles))
         try:
             await asyncio.shield(reserving)
         except asyncio.CancelledError:

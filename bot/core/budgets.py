@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .models import (
     MAX_ADJUSTMENT_MICROS,
@@ -143,7 +144,9 @@ class Budgets:
         _check_amount(amount_micros)
         return await asyncio.to_thread(self.ledger.set_balance, user_id, amount_micros, actor)
 
-    async def grant(self, user_id: str, amount_micros: int, actor: str, reason: str | None = None) -> Adjustment:
+    async def grant(
+        self, user_id: str, amount_micros: int, actor: str, reason: str | None = None
+    ) -> Adjustment:
         """Credit on top of the allowance, which never lapses; a negative grant takes away at
         most what is available."""
         _check_amount(amount_micros)
@@ -194,7 +197,9 @@ class Budgets:
             rows = self.ledger.spend_rows(since, guild_id)
             cap = None
             if guild_id is not None:
-                cap = self.preferences.guild(guild_id).spend_cap_micros or self.policy.guild_cap_micros or None
+                cap = (
+                    self.preferences.guild(guild_id).spend_cap_micros or self.policy.guild_cap_micros or None
+                )
             return SpendReport(
                 period,
                 since,
@@ -207,7 +212,7 @@ class Budgets:
         return await asyncio.to_thread(read)
 
 
-def spend_by(rows: list[tuple]) -> dict[str, dict[str, int]]:
+def spend_by(rows: list[tuple[Any, ...]]) -> dict[str, dict[str, int]]:
     """Rows (user, roles, guild, provider, model, closed_at, charged) summed per dimension; a
     job of a member with several roles counts for each of them."""
     sums: dict[str, dict[str, int]] = {d: defaultdict(int) for d in DIMENSIONS}

@@ -214,7 +214,9 @@ class SpendCapReached(BudgetRefusal):
 
     def describe(self, money: Any = None) -> str:
         cap = money.text(self.cap_micros) if money is not None else f"${micros_to_usd(self.cap_micros):.2f}"
-        return f"this server's daily spending cap of {cap} is reached; paid generation resumes at 00:00 UTC"
+        return f"this server's daily spending cap of {cap} is reached" + (
+            "; paid generation resumes at 00:00 UTC" if self.resets_at is None else ""
+        )
 
 
 class GuildCapReached(BudgetRefusal):
@@ -228,7 +230,9 @@ class GuildCapReached(BudgetRefusal):
 
     def describe(self, money: Any = None) -> str:
         cap = money.text(self.cap_micros) if money is not None else f"${micros_to_usd(self.cap_micros):.2f}"
-        return f"this server's spending cap of {cap} for this budget period is reached; ask an admin to raise it"
+        return (
+            f"this server's spending cap of {cap} for this budget period is reached; ask an admin to raise it"
+        )
 
 
 class RateLimited(BudgetRefusal):

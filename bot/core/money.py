@@ -132,7 +132,9 @@ class SpendAlert:
     period_start: float
 
     def describe(self, money: Money) -> str:
-        what = "today's paid generation" if self.cap == "daily" else f"server {self.cap[6:]}'s spend this period"
+        what = (
+            "today's paid generation" if self.cap == "daily" else f"server {self.cap[6:]}'s spend this period"
+        )
         return (
             f"spend alert: {what} is at {self.spent_micros * 100 // max(self.cap_micros, 1)}% of its cap "
             f"({money.text(self.spent_micros)} of {money.text(self.cap_micros)}; passed {self.threshold}%)"

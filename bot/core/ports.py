@@ -137,7 +137,9 @@ class Ledger(Protocol):
 class BudgetRules(Protocol):
     """Allowances per period set by admins (scope default, role or user) and exemptions."""
 
-    def set_allowance(self, scope: str, subject_id: str, amount_micros: int | None, actor: str | None) -> None: ...
+    def set_allowance(
+        self, scope: str, subject_id: str, amount_micros: int | None, actor: str | None
+    ) -> None: ...
 
     def allowances(self) -> dict[tuple[str, str], int]: ...
 
@@ -156,6 +158,23 @@ class BlobStore(Protocol):
     def get(self, key: str, ext: str = "png") -> bytes: ...
 
     def exists(self, key: str, ext: str = "png") -> bool: ...
+
+    def url_for(self, key: str, ext: str = "png") -> str:
+        """The URL to show now (a presigned one is made afresh; may block)."""
+        ...
+
+
+class Provenance(Protocol):
+    """What every stored image carries: its parameters as metadata and, with a certificate, a
+    signed C2PA manifest (the source of an edit or variation as its ingredient)."""
+
+    def stamp(self, data: bytes, job: JobRecord, *, source: bytes | None = None) -> bytes:
+        """The bytes to store (blocking: called in a worker thread)."""
+        ...
+
+    def unsigned_reason(self) -> str | None:
+        """None when images are signed; else why not, for the start-up log."""
+        ...
 
 
 class Preferences(Protocol):

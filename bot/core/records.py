@@ -25,7 +25,16 @@ from .models import (
 )
 from .planning import Plan
 from .policy import Policy
-from .ports import BlobStore, Clock, DecodedImage, ImageCodec, JobStore, ModerationLog, Observer
+from .ports import (
+    BlobStore,
+    Clock,
+    DecodedImage,
+    ImageCodec,
+    JobStore,
+    ModerationLog,
+    Observer,
+    Provenance,
+)
 
 log = logging.getLogger("bot.core.service")
 
@@ -42,8 +51,10 @@ class Records:
         moderation: ModerationLog | None = None,
         clock: Clock | None = None,
         review: BlobStore | None = None,
+        provenance: Provenance | None = None,
     ):
         self.jobs, self.blobs, self.codec, self.owner, self.observer = jobs, blobs, codec, owner, observer
+        self.provenance = provenance
         self.policy, self.moderation = policy, moderation
         self.clock = clock or _SystemClock()
         self.review = review  # blocked outputs kept for admins, where no public server reaches them
@@ -116,8 +127,21 @@ class Records:
         if self.review is not None:
             blocked.review_sha256 = (await asyncio.to_thread(self.review.put, result.data)).key
 
-    async def store(self, result: GeneratedImage, checked: DecodedImage) -> StoredBlob:
+    async def store(
+        self, result: GeneratedImage, checked: DecodedImage, job: JobRecord, source: bytes | None
+    ) -> StoredBlob:
+        """The image stored under the hash of its final bytes: with its provenance stamped first
+        (the parameters that made it, as served; `source`, an edit's or variation's input)."""
         data = result.data if result.format == "png" else await asyncio.to_thread(self.codec.to_png, checked)
+        if self.provenance is not None:
+            served = replace(
+                job,
+                params=job.params.but(
+                    model=result.model, seed=result.seed, size=(result.width, result.height)
+                ),
+                provider=result.provider,
+            )
+            data = await asyncio.to_thread(self.provenance.stamp, data, served, source=source)
         return await asyncio.to_thread(self.blobs.put, data)
 
     def composite(self, result: GeneratedImage, plan: Plan) -> GeneratedImage:

@@ -4,6 +4,7 @@ image bytes, where it was delivered, and whether a step preview may be shown."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from .models import JobRecord, ModerationEvent
 from .ports import BlobStore, JobStore, ModerationLog
@@ -28,6 +29,15 @@ class Results:
 
     async def for_message(self, message_id: str) -> JobRecord | None:
         return await asyncio.to_thread(self.jobs.by_message, message_id)
+
+    async def fresh(self, jobs: list[JobRecord]) -> list[JobRecord]:
+        """The jobs with the URLs to show now: a bucket's presigned URLs expire, so they are made
+        afresh whenever one is shown."""
+
+        def urls() -> list[JobRecord]:
+            return [replace(j, image_url=self.blobs.url_for(j.sha256)) if j.sha256 else j for j in jobs]
+
+        return await asyncio.to_thread(urls)
 
     async def image(self, job: JobRecord) -> bytes:
         assert job.sha256 is not None, "only a finished job has an image"

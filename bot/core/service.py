@@ -36,7 +36,16 @@ from .models import (
 )
 from .planning import Plan, Planner
 from .policy import Policy
-from .ports import BlobStore, Clock, ImageCodec, JobStore, ModerationLog, NoObserver, Observer
+from .ports import (
+    BlobStore,
+    Clock,
+    ImageCodec,
+    JobStore,
+    ModerationLog,
+    NoObserver,
+    Observer,
+    Provenance,
+)
 from .prompting import Normalised, normalise
 from .records import Records
 from .routing import Router
@@ -64,12 +73,15 @@ class EaselService:
         moderation: ModerationLog | None = None,
         clock: Clock | None = None,
         review: BlobStore | None = None,
+        provenance: Provenance | None = None,
     ):
         self.policy, self.planner, self.screening, self.billing = policy, planner, screening, billing
         self.admission, self.router, self.jobs, self.blobs = admission, router, jobs, blobs
         self.codec, self.owner = codec, owner
         self.observer: Observer = observer or NoObserver()
-        self.records = Records(jobs, blobs, codec, owner, self.observer, policy, moderation, clock, review)
+        self.records = Records(
+            jobs, blobs, codec, owner, self.observer, policy, moderation, clock, review, provenance
+        )
         self.enhancer = enhancer or Enhancer(
             None, on_failure="original", max_prompt_chars=policy.max_prompt_chars
         )
@@ -247,7 +259,8 @@ class EaselService:
                             self.policy.job_timeout_s,
                             on_event,
                         )
-            return await self._check_and_store(result, plan, nsfw, watch)
+            source = request.image if request.image is not None else plan.request.source_image
+            return await _check_and_store(self, result, plan, nsfw, watch, job, source)
         except BudgetRefusal as exc:
             text = exc.describe(self.policy.money)
             return Ending(JobStatus.REFUSED, exc.code, text, timings=watch.ms, retry_at=exc.resets_at)
@@ -263,38 +276,46 @@ class EaselService:
                 timings=watch.ms,
             )
 
-    async def _check_and_store(
-        self, result: GeneratedImage, plan: Plan, nsfw: bool, watch: _Stopwatch
-    ) -> Ending:
-        """Validate and screen the output; store it unless it is blocked (never stored or shown)."""
-        if plan.outpaint:
-            with watch("composite"):
-                result = await asyncio.to_thread(self.records.composite, result, plan)
-        with watch("validate"):
-            checked = await self.screening.validate(result, plan.request)
-        with watch("screen_image"):
-            blocked = await self.screening.output_blocked(checked, nsfw)
-        if isinstance(blocked, Blocked):
-            await self.records.keep_for_review(blocked, result)
-            return Ending(
-                JobStatus.BLOCKED,
-                ErrorCode.BLOCKED,
-                str(blocked),
-                blocked=blocked,
-                charge=self.policy.blocked_outputs_are_paid,
-                result=result,
-                timings=watch.ms,
-            )
-        with watch("store"):
-            stored = await self.records.store(result, checked)
+
+async def _check_and_store(
+    service: EaselService,
+    result: GeneratedImage,
+    plan: Plan,
+    nsfw: bool,
+    watch: _Stopwatch,
+    job: JobRecord,
+    source: bytes | None,
+) -> Ending:
+    """Validate and screen the output; store it unless it is blocked (never stored or shown)."""
+    records, screening = service.records, service.screening
+    if plan.outpaint:
+        with watch("composite"):
+            result = await asyncio.to_thread(records.composite, result, plan)
+    with watch("validate"):
+        checked = await screening.validate(result, plan.request)
+    with watch("screen_image"):
+        blocked = await screening.output_blocked(checked, nsfw)
+    if isinstance(blocked, Blocked):
+        await records.keep_for_review(blocked, result)
         return Ending(
-            JobStatus.DONE,
-            charge=True,
+            JobStatus.BLOCKED,
+            ErrorCode.BLOCKED,
+            str(blocked),
+            blocked=blocked,
+            charge=service.policy.blocked_outputs_are_paid,
             result=result,
-            stored=stored,
             timings=watch.ms,
-            spoiler=blocked is True,
         )
+    with watch("store"):
+        stored = await records.store(result, checked, job, source)
+    return Ending(
+        JobStatus.DONE,
+        charge=True,
+        result=result,
+        stored=stored,
+        timings=watch.ms,
+        spoiler=blocked is True,
+    )
 
 
 async def _enhance(

@@ -259,8 +259,8 @@ class Delivery:
                                            allowed_mentions=discord.AllowedMentions(users=True))
 
     async def _result_parts(self, outcome: JobOutcome, limit: int, *, private: bool = False):
-        job = outcome.job
-        assert job is not None
+        assert outcome.job is not None
+        [job] = await self.app.results.fresh([outcome.job])  # a bucket's presigned URL, made now
         data = await self.app.results.image(job)
         file, compressed = await asyncio.to_thread(image_file, job, data, limit)
         page = page_link(self.app.settings.storage.public_url, job, public=not private)

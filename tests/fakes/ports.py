@@ -9,7 +9,6 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from bot.core.money import Terms
 from bot.core.models import (
     ALLOWED,
     Adjustment,
@@ -24,6 +23,7 @@ from bot.core.models import (
     UserSettings,
     Verdict,
 )
+from bot.core.money import Terms
 
 
 class MemoryUnitOfWork:
@@ -167,6 +167,9 @@ class MemoryBlobs:
 
     def exists(self, key, ext="png"):
         return key in self.data
+
+    def url_for(self, key, ext="png"):
+        return f"memory://{key}.{ext}"
 
 
 class MemoryPreferences:
