@@ -76,6 +76,7 @@ class App:
     metrics: Metrics
     moderation: ModerationLog
     retired: list[Router] = field(default_factory=list)  # replaced by a reload, to be closed
+    provenance: Provenance | None = None  # what stored images carry (None: nothing added)
     queue_overrides: Mapping[str, int] = field(default_factory=dict)  # from Overrides (tests)
 
     def recover(self) -> list[int]:
@@ -326,8 +327,6 @@ def build_provenance(settings: Settings) -> Provenance:
         provenance = Provenance(**settings.provenance.provenance_kwargs(settings))
     except StorageError as exc:
         raise ConfigError(f"{exc} (from {settings.source or 'built-in defaults'})") from None
-    if reason := provenance.unsigned_reason():
-        log.info("%s", reason)
     return provenance
 
 
@@ -427,7 +426,7 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         moderation=moderation,
         clock=clock,
         review=review_store(settings),
-        provenance=build_provenance(settings),
+        provenance=(provenance := build_provenance(settings)),
     )
     metrics.watch(service.admission.load, lambda: {p: b.state for p, b in service.router.breakers.items()})
     return App(
@@ -447,4 +446,5 @@ def bootstrap(settings: Settings, overrides: Overrides = Overrides()) -> App:
         metrics,
         moderation,
         queue_overrides=overrides.queue_limits,
+        provenance=provenance,
     )

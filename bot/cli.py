@@ -858,10 +858,11 @@ def _serve(settings, args) -> int:
         await app.close()
 
     http.on_cleanup.append(close)
-    print(f"serving {app.blobs.root} at http://{settings.server.host}:{settings.server.port}/images/ "
+    print(f"serving {getattr(app.blobs, 'root', None) or app.blobs.where} at http://{settings.server.host}:{settings.server.port}/images/ "
           f"(and /healthz, /readyz, /metrics)")
     try:
-        web.run_app(http, host=settings.server.host, port=settings.server.port, print=None)
+        # run_app "prints" once it listens: the start-up notes then, not before a failed bind.
+        web.run_app(http, host=settings.server.host, port=settings.server.port, print=lambda _: _start_notes(app))
     except OSError as exc:  # the address is in use, or the host does not resolve
         asyncio.run(app.close())
         return _fail(str(listen_error(settings, exc)), EXIT_USAGE)
@@ -872,6 +873,15 @@ def _logs(settings) -> None:
     from .logs import secrets_of, setup
 
     setup(settings.logging.format, settings.logging.level, secrets_of(settings))
+
+
+def _start_notes(app) -> None:
+    """What a long-running easel says once at start-up (images unsigned, ...)."""
+    import logging
+
+    reason = app.provenance.unsigned_reason() if app.provenance is not None else None
+    if reason:
+        logging.getLogger("easel").warning("%s", reason)
 
 
 def _run_bot(settings, args) -> int:
@@ -886,6 +896,7 @@ def _run_bot(settings, args) -> int:
 
     async def main() -> None:
         app = _app(settings)
+        _start_notes(app)
         try:
             await serve(settings, app)
         finally:

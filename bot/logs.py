@@ -94,5 +94,6 @@ def secrets_of(settings) -> list[str]:
         if env:
             names.add(env)
     names |= {"OPENAI_API_KEY", "REPLICATE_API_TOKEN", "TOGETHER_API_KEY", "FIREWORKS_API_KEY",
-              "GOOGLE_API_KEY", "GEMINI_API_KEY", "DISCORD_TOKEN"}
+              "GOOGLE_API_KEY", "GEMINI_API_KEY", "DISCORD_TOKEN", "EASEL_GALLERY_SECRET", "EASEL_ADMIN_TOKEN",
+              "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
     return [os.environ[n] for n in names if os.environ.get(n)]

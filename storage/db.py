@@ -173,7 +173,9 @@ MIGRATIONS: list[str] = [
     # 11: budgets that refill. An account's balance is its allowance for the period (refilled
     # lazily at each boundary, its unspent part lapsing or carrying over) plus credit from grants;
     # blocks; allowances per role and member; exemptions; every movement an entry (held money
-    # too); spend alerts claimed once. Balances from before become credit, which never lapses,
+    # too); spend alerts claimed once; what was charged per UTC day, for the paid total and per
+    # guild (so that a cap is checked without summing the day's jobs). Balances from before become
+    # credit, which never lapses,
     # and one opening entry per account makes its entries sum to its balance and what it holds.
     """
     ALTER TABLE accounts ADD COLUMN allowance_micros INTEGER NOT NULL DEFAULT 0;
@@ -197,8 +199,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE reservations ADD COLUMN roles TEXT NOT NULL DEFAULT '';
     ALTER TABLE reservations ADD COLUMN counted INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE reservations ADD COLUMN exempt INTEGER NOT NULL DEFAULT 0;
-    CREATE INDEX reservations_user_time ON reservations(user_id, created_at);
-    CREATE INDEX reservations_guild_time ON reservations(guild_id, created_at);
+    CREATE INDEX reservations_user_time ON reservations(user_id, created_at, state);
+    CREATE INDEX reservations_guild_time ON reservations(guild_id, created_at, state);
+    CREATE TABLE spend_days (
+        scope TEXT NOT NULL,
+        day REAL NOT NULL,
+        charged_micros INTEGER NOT NULL,
+        PRIMARY KEY (scope, day)
+    );
+    INSERT INTO spend_days (scope, day, charged_micros)
+        SELECT 'paid', CAST(closed_at / 86400 AS INTEGER) * 86400.0, SUM(charged_micros) FROM reservations
+        WHERE state = 'settled' AND paid = 1 AND charged_micros > 0 GROUP BY 2;
+    INSERT INTO spend_days (scope, day, charged_micros)
+        SELECT 'guild:' || guild_id, CAST(closed_at / 86400 AS INTEGER) * 86400.0, SUM(charged_micros)
+        FROM reservations WHERE state = 'settled' AND guild_id IS NOT NULL AND charged_micros > 0 GROUP BY 1, 2;
     CREATE TABLE allowances (
         scope TEXT NOT NULL,
         subject_id TEXT NOT NULL,
@@ -223,6 +237,10 @@ MIGRATIONS: list[str] = [
         created_at REAL NOT NULL,
         PRIMARY KEY (cap, period_start, threshold)
     );
+    """,
+    # 12: remix: a member's vary and reroll buttons open a modal to edit the prompt first.
+    """
+    ALTER TABLE user_settings ADD COLUMN remix INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 

@@ -150,7 +150,8 @@ class Ledger(SpendRecords):
 
     def _close(self, conn: sqlite3.Connection, job_id: int) -> sqlite3.Row | None:
         return conn.execute(
-            "SELECT user_id, amount_micros, exempt FROM reservations WHERE job_id = ? AND state = 'held'", (job_id,)
+            "SELECT user_id, amount_micros, exempt, paid, guild_id FROM reservations WHERE job_id = ?"
+            " AND state = 'held'", (job_id,)
         ).fetchone()
 
     def settle(self, job_id: int, actual_micros: int, provider: str | None = None) -> int:
@@ -163,8 +164,10 @@ class Ledger(SpendRecords):
             row = self._close(conn, job_id)
             if row is None:
                 return 0
-            user_id, amount, exempt = row
+            user_id, amount, exempt, paid_job, guild_id = row
             charged = max(0, min(actual_micros, amount))
+            if charged:
+                limits.add_charge(conn, bool(paid_job), guild_id, charged, self.clock())
             conn.execute(
                 "UPDATE reservations SET state = 'settled', charged_micros = ?, closed_at = ?,"
                 " provider = COALESCE(?, provider) WHERE job_id = ?",
@@ -186,7 +189,7 @@ class Ledger(SpendRecords):
             row = self._close(conn, job_id)
             if row is None:
                 return False
-            user_id, amount, exempt = row
+            user_id, amount, exempt = row[:3]
             conn.execute("UPDATE reservations SET state = 'released', charged_micros = 0, closed_at = ?"
                          " WHERE job_id = ?", (self.clock(), job_id))
             held = 0 if exempt else amount

@@ -1,4 +1,4 @@
-"""What users and guilds chose: a user's defaults (model, aspect, private results) and a guild's
+"""What users and guilds chose: a user's defaults (model, aspect, private results, remix) and a guild's
 default model and spending cap."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ class Preferences:
     def __init__(self, db: Database):
         self.db = db
 
-    _USER = "SELECT user_id, model, aspect, private, enhance, tipped_at FROM user_settings"
+    _USER = "SELECT user_id, model, aspect, private, enhance, tipped_at, remix FROM user_settings"
 
     def user(self, user_id: str) -> UserSettings:
         row = self.db.query_one(self._USER + " WHERE user_id = ?", (user_id,))
@@ -23,12 +23,12 @@ class Preferences:
     def set_user(self, settings: UserSettings) -> None:
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT INTO user_settings (user_id, model, aspect, private, enhance, tipped_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(user_id) DO UPDATE SET model = excluded.model,"
+                "INSERT INTO user_settings (user_id, model, aspect, private, enhance, tipped_at, remix, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(user_id) DO UPDATE SET model = excluded.model,"
                 " aspect = excluded.aspect, private = excluded.private, enhance = excluded.enhance,"
-                " tipped_at = excluded.tipped_at, updated_at = excluded.updated_at",
+                " tipped_at = excluded.tipped_at, remix = excluded.remix, updated_at = excluded.updated_at",
                 (settings.user_id, settings.model, settings.aspect, int(settings.private),
-                 int(settings.enhance), settings.tipped_at, now()),
+                 int(settings.enhance), settings.tipped_at, int(settings.remix), now()),
             )
 
     def guild(self, guild_id: str) -> GuildSettings:
@@ -50,4 +50,4 @@ class Preferences:
 
 
 def _user(row) -> UserSettings:
-    return UserSettings(row[0], row[1], row[2], bool(row[3]), bool(row[4]), float(row[5]))
+    return UserSettings(row[0], row[1], row[2], bool(row[3]), bool(row[4]), float(row[5]), bool(row[6]))

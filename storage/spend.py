@@ -2,13 +2,13 @@
 (per user, role, guild, provider, model and day) and spend alerts, each claimed once."""
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 
 from bot.core.models import period_start
 from bot.core.money import ALERT_THRESHOLDS, LedgerEntry, SpendAlert, Terms
 
 from .db import Database
+from .limits import charged_since
 
 
 class SpendRecords:
@@ -82,16 +82,15 @@ class SpendRecords:
         newly claimed per cap is returned. Joins the caller's transaction (call it after
         settling)."""
         t = self.clock()
-        caps: list[tuple[str, int, float, str, tuple]] = []
+        caps: list[tuple[str, int, float, str]] = []
         if daily_cap_micros:
-            caps.append(("daily", daily_cap_micros, period_start("day", t), "paid = 1", ()))
+            caps.append(("daily", daily_cap_micros, period_start("day", t), "paid"))
         if guild_id is not None and guild_cap_micros:
-            caps.append((f"guild:{guild_id}", guild_cap_micros, period_start(self.terms.period, t),
-                         "guild_id = ?", (guild_id,)))
+            caps.append((f"guild:{guild_id}", guild_cap_micros, period_start(self.terms.period, t), f"guild:{guild_id}"))
         alerts: list[SpendAlert] = []
         with self.db.transaction() as conn:
-            for cap, cap_micros, since, where, params in caps:
-                spent = _settled(conn, where, params, since)
+            for cap, cap_micros, since, scope in caps:
+                spent = charged_since(conn, scope, since)
                 newest = None  # of several thresholds passed at once, only the highest is told
                 for threshold in ALERT_THRESHOLDS:
                     if spent * 100 < threshold * cap_micros:
@@ -107,10 +106,3 @@ class SpendRecords:
                     alerts.append(newest)
         return alerts
 
-
-def _settled(conn: sqlite3.Connection, where: str, params: tuple, since: float) -> int:
-    return conn.execute(
-        f"SELECT COALESCE(SUM(charged_micros), 0) FROM reservations WHERE {where} AND state = 'settled'"
-        " AND closed_at >= ?",
-        (*params, since),
-    ).fetchone()[0]
