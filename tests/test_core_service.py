@@ -103,6 +103,22 @@ async def test_a_done_job_is_stored_and_charged_once():
     assert core.available() == usd_to_micros(1.0 - PRICE) and not core.ledger.held
 
 
+async def test_an_image_the_store_will_not_take_fails_the_job_and_refunds_it():
+    from bot.core.models import StoreFailed
+
+    core = Core(MemoryGenerator())
+
+    def refuse(data, ext="png"):
+        raise StoreFailed("bucket easel-images at minio.local: SlowDown, after 4 attempts")
+
+    core.blobs.put = refuse
+    (out,) = await core.service.imagine(job_request("imagine", "u1", "a fox --seed 5"))
+    assert (out.status, out.error_code) == (JobStatus.FAILED, "failed")
+    assert out.error == "the image could not be stored (bucket easel-images at minio.local: SlowDown, after 4 attempts)"
+    assert out.job.sha256 is None and core.blobs.data == {}  # nothing points to a missing object
+    assert core.available() == usd_to_micros(1.0) and not core.ledger.held
+
+
 async def test_inline_seed_in_any_case_gives_consecutive_seeds_for_count():
     core = Core(MemoryGenerator(), max_requests=1)
     outs = await core.service.imagine(job_request("imagine", "u1", "a castle --Seed 42"), count=2)

@@ -368,6 +368,7 @@ class GenerationRequest:
     source_image: bytes | None = None
     mask_image: bytes | None = None  # same size as source_image; white is repainted, black kept
     upscale_factor: int = 2
+    control_image: bytes | None = None  # what a ControlNet follows (options "control", "control_scale")
 
     # Read-through names, so generators read `request.prompt` rather than `request.params.prompt`.
     @property
@@ -430,6 +431,39 @@ class GeneratedImage:
     format: str = "png"
 
 
+# Options that name LoRAs and a ControlNet: checked against ModelSpec.loras and .controlnets.
+LORA_OPTION, CONTROL_OPTION, CONTROL_SCALE_OPTION = "lora", "control", "control_scale"
+CONTROL_OPTIONS = (LORA_OPTION, CONTROL_OPTION, CONTROL_SCALE_OPTION)
+MAX_LORAS = 3
+LORA_WEIGHTS = (-2.0, 2.0)
+CONTROL_SCALES = (0.0, 2.0)
+
+
+def parse_loras(text: str) -> tuple[tuple[str, float | None], ...]:
+    """'detail:0.8,ink' -> (('detail', 0.8), ('ink', None)): None takes the LoRA's own default."""
+    loras: list[tuple[str, float | None]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = part.partition(":")
+        if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(name) > 40:
+            raise UnsupportedRequest(f"a LoRA is given as NAME or NAME:WEIGHT, not {part!r}")
+        value = None
+        if weight:
+            try:
+                value = float(weight)
+            except ValueError:
+                raise UnsupportedRequest(f"the LoRA weight in {part!r} is not a number") from None
+            if not LORA_WEIGHTS[0] <= value <= LORA_WEIGHTS[1]:
+                raise UnsupportedRequest(
+                    f"a LoRA weight must be {LORA_WEIGHTS[0]:g} to {LORA_WEIGHTS[1]:g}, not {weight}"
+                )
+        if name in (n for n, _ in loras):
+            raise UnsupportedRequest(f"the LoRA {name!r} is given twice")
+        loras.append((name, value))
+    if len(loras) > MAX_LORAS:
+        raise UnsupportedRequest(f"at most {MAX_LORAS} LoRAs per image, not {len(loras)}")
+    return tuple(loras)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What one model can do. `sizes` None means any size within `max_side`, in steps of `size_step`."""
@@ -457,6 +491,9 @@ class ModelSpec:
     # The inference steps and guidance scale a request may set; None: the model takes none.
     steps: tuple[int, int] | None = (1, 200)
     guidance: tuple[float, float] | None = (0.0, 30.0)
+    # The LoRAs and ControlNets a request may name (options "lora" and "control").
+    loras: tuple[str, ...] = ()
+    controlnets: tuple[str, ...] = ()
 
     def check(self, request: GenerationRequest) -> None:
         """Raise UnsupportedRequest, with a message a user can act on, if this model cannot serve it."""
@@ -476,7 +513,8 @@ class ModelSpec:
                 f"{self.max_prompt_chars}"
             )
         self._check_ranges(request)
-        self._check_options(request.options)
+        self._check_options({k: v for k, v in request.options.items() if k not in CONTROL_OPTIONS})
+        self._check_control(request)
         if request.kind != Kind.UPSCALE:  # an upscale's size follows from the source image
             self._check_size(request.width, request.height)
 
@@ -504,6 +542,31 @@ class ModelSpec:
             if value not in self.options[key]:
                 raise UnsupportedRequest(
                     f"{self.name} {key} must be one of {', '.join(self.options[key])}, not {value!r}"
+                )
+
+    def _check_control(self, request: GenerationRequest) -> None:
+        options = request.options
+        for name, _ in parse_loras(options.get(LORA_OPTION, "")):
+            if name not in self.loras:
+                known = ", ".join(self.loras) or "none is configured"
+                raise UnsupportedRequest(f"{self.name} has no LoRA {name!r} (its LoRAs: {known})")
+        control = options.get(CONTROL_OPTION)
+        if control is not None and control not in self.controlnets:
+            known = ", ".join(self.controlnets) or "none is configured"
+            raise UnsupportedRequest(f"{self.name} has no ControlNet {control!r} (its ControlNets: {known})")
+        if control is not None and request.control_image is None:
+            raise UnsupportedRequest(f"the ControlNet {control!r} needs a control image")
+        if control is None and (request.control_image is not None or CONTROL_SCALE_OPTION in options):
+            raise UnsupportedRequest("a control image or scale needs a ControlNet (--control NAME)")
+        scale = options.get(CONTROL_SCALE_OPTION)
+        if scale is not None:
+            try:
+                value = float(scale)
+            except ValueError:
+                value = -1.0
+            if not CONTROL_SCALES[0] <= value <= CONTROL_SCALES[1]:
+                raise UnsupportedRequest(
+                    f"the control scale must be {CONTROL_SCALES[0]:g} to {CONTROL_SCALES[1]:g}, not {scale!r}"
                 )
 
     def _check_size(self, w: int, h: int) -> None:
@@ -648,9 +711,22 @@ class JobEvent:
     position: int | None = None
     fraction: float | None = None
     preview: bytes | None = None
+    eta_s: float | None = None  # a queued job: seconds until it is done, from recent times
 
 
 EventSink = Callable[[JobEvent], None]
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A job holding or waiting for a generator slot, as /queue shows it."""
+
+    job_id: int
+    user_id: str
+    provider: str
+    model: str | None
+    position: int | None  # None: running
+    eta_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -685,6 +761,11 @@ class JobOutcome:
             "error_code": str(self.error_code) if self.error_code else None,
             "retry_at": self.retry_at,
         }
+
+
+class StoreFailed(Exception):
+    """The image store could not keep an image (after its own retries); the message says why,
+    with no secret in it. The job fails and is refunded."""
 
 
 class Refusal(Exception):
@@ -761,6 +842,7 @@ class UserSettings:
     private: bool = False
     enhance: bool = False  # enhance every prompt of this member (imagine)
     tipped_at: float = 0.0  # when this member last got a tip for a short prompt
+    remix: bool = False  # vary and reroll buttons open a modal to edit the prompt first
 
 
 @dataclass(frozen=True)
