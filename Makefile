@@ -21,7 +21,7 @@ install-local: $(PY)
 install-test: $(PY)
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet 'aioboto3>=13,<16'
-	$(PIP) install --quiet -e '.[local,nsfw,cloud,discord,semantic,s3,provenance,reports,dev]'
+	$(PIP) install --quiet -e '.[local,nsfw,cloud,discord,semantic,s3,provenance,reports,cluster,dev]'
 
 demo: install-local
 	$(VENV)/bin/easel imagine "$(PROMPT)" --seed 42

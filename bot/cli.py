@@ -116,6 +116,8 @@ def _job_options(p, *, seed=True):
     p.add_argument("--json", action="store_true", help="print one JSON object")
     for name in OPTION_FLAGS:  # model options (see `easel models`): quality, sampler, ...
         p.add_argument(f"--{name}", help=f"{name}, for models that take it (see `easel models`)")
+    p.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]",
+                   help="a LoRA of the local model (up to 3; see [generators.local.loras])")
 
 
 def _job_parsers(sub) -> None:
@@ -125,6 +127,9 @@ def _job_parsers(sub) -> None:
     p.add_argument("--size", type=_size, help="WxH, e.g. 512x512")
     p.add_argument("--enhance", action="store_true", default=None,
                    help="let a chat model expand the prompt first (see [enhance] in the settings)")
+    p.add_argument("--control", metavar="NAME", help="a ControlNet (see [generators.local.controlnets])")
+    p.add_argument("--control-image", type=Path, metavar="PATH", help="the image the ControlNet follows")
+    p.add_argument("--control-scale", type=float, metavar="F", help="how strongly it follows it (0-2, default 1)")
     _job_options(p)
 
     p = sub.add_parser("variation", help="a variation of an earlier job's image")
@@ -173,10 +178,11 @@ def _moderation_parser(sub) -> None:
 
 
 def _other_parsers(sub) -> None:
-    from . import cli_provenance, cli_storage
+    from . import cli_cluster, cli_provenance, cli_storage
 
     _moderation_parser(sub)
     cli_storage.add_parser(sub)
+    cli_cluster.add_parser(sub)
     cli_provenance.add_parser(sub)
     p = sub.add_parser("jobs", help="list recent jobs")
     p.add_argument("--user", type=_user)
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "imagine": _job_command, "variation": _job_command, "edit": _job_command,
         "upscale": _job_command, "zoom": _job_command, "pan": _job_command, "jobs": _jobs, "budget": _budget, "models": _models,
         "check": _check, "doctor": _doctor, "moderation": _moderation, "serve": _serve, "run": _run_bot,
-        "storage": _storage, "provenance": _provenance,
+        "storage": _storage, "provenance": _provenance, "cluster": _cluster,
     }[args.command]
     try:
         return handler(settings, args)
@@ -293,7 +299,7 @@ def _job_command(settings, args) -> int:
         guidance=args.guidance if "guidance" in args else None,
         strength=getattr(args, "strength", None),
         model=args.model,
-        options={k: v for k in OPTION_FLAGS if (v := getattr(args, k, None))},
+        options={k: v for k in OPTION_FLAGS if (v := getattr(args, k, None))} | _control_options(args),
     )
     outpaint = {"zoom": "zoom", "pan": getattr(args, "direction", None)}.get(args.command)
     request = JobRequest(
@@ -301,10 +307,21 @@ def _job_command(settings, args) -> int:
         outpaint=outpaint,
         source_job_id=getattr(args, "job_id", None),
         enhance=getattr(args, "enhance", None),
-        image=_read_file(getattr(args, "image", None), settings.generation.max_upload_bytes, "image"),
+        image=_read_file(getattr(args, "image", None) or getattr(args, "control_image", None),
+                         settings.generation.max_upload_bytes, "image"),
         mask=_read_file(getattr(args, "mask", None), settings.generation.max_upload_bytes, "mask"),
     )
     return asyncio.run(_cancel_on_sigterm(_run_job(settings, request, as_json=args.json)))
+
+
+def _control_options(args) -> dict[str, str]:
+    """--lora, --control and --control-scale as the model options the local generator reads."""
+    options = {"lora": ",".join(args.lora)} if getattr(args, "lora", None) else {}
+    if getattr(args, "control", None):
+        options["control"] = args.control
+    if getattr(args, "control_scale", None) is not None:
+        options["control_scale"] = f"{args.control_scale:g}"
+    return options
 
 
 async def _run_job(settings, request, *, as_json: bool) -> int:
@@ -547,6 +564,12 @@ def _storage(settings, args) -> int:
     from . import cli_storage
 
     return cli_storage.run(settings, args)
+
+
+def _cluster(settings, args) -> int:
+    from . import cli_cluster
+
+    return cli_cluster.run(settings, args)
 
 
 def _provenance(settings, args) -> int:

@@ -47,6 +47,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     create_model,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -271,11 +272,55 @@ class LocalGeneratorSettings(_Section):
     price_per_second_usd: Annotated[Number, _NOT_NEGATIVE] = 0.001  # what a second of this machine costs a user
     upscaler: Str = ""  # a diffusers upscaler folder or id; empty: Lanczos resampling, labelled
 
+    class Model(_Section):
+        """`[generators.local.overrides.NAME]`: a model's settings over its family's defaults."""
+
+        family: Annotated[Str, _one_of("sd1", "sd2", "sdxl", "sd-turbo", "sdxl-turbo", "flux", "flux-dev", "tiny",
+                                       message="must be sd1, sd2, sdxl, sd-turbo, sdxl-turbo, flux or flux-dev")] | None = None
+        size: Annotated[Str, _rule(lambda v: bool(re.fullmatch(r"\d{2,4}x\d{2,4}", v)), "must be WxH")] | None = None
+        steps: Annotated[Int, _rule(lambda v: 1 <= v <= 200, "must be 1-200")] | None = None
+        guidance: Annotated[Number, _NOT_NEGATIVE] | None = None
+        negative_prompt: Bool | None = None
+        safety_checker: Bool = False  # diffusers' own checker, as well as easel's screens
+        preview: Str | None = None  # an AutoencoderTiny (TAESD) folder or hub id for step previews
+
+    class Lora(_Section):
+        source: Str
+        weight: Number = 1.0
+        triggers: Strings = ()
+
+    class ControlNet(_Section):
+        source: Str
+        preprocessor: Annotated[Str, _one_of("none", "canny", "depth", "openpose", "scribble", "lineart", "softedge",
+                                             message="must be none, canny, depth, openpose, scribble, lineart or softedge")] | None = None
+
+    overrides: dict[Str, Model] = Field(default_factory=dict)
+    loras: dict[Str, Str | Lora] = Field(default_factory=dict)  # name -> file, folder or hub id
+    controlnets: dict[Str, Str | ControlNet] = Field(default_factory=dict)
+    memory_budget_gb: Annotated[Number, _NOT_NEGATIVE] = 0.0  # loaded models kept within it; 0: no bound
+    # Compatible queued jobs run as one pipeline call of up to batch_size images; max_concurrent
+    # (the jobs let into the generator at once) defaults to it.
+    batch_size: Annotated[Int, _rule(lambda v: 1 <= v <= 16, "must be 1-16")] = 1
+    batch_window_ms: Annotated[Int, _rule(lambda v: 0 <= v <= 5000, "must be 0-5000")] = 50
+    cpu_offload: Bool = False
+    vae_tiling: Bool = False
+    vae_slicing: Bool = False
+    attention: Annotated[Str, _one_of("sdpa", "default", message="must be sdpa or default")] = "sdpa"
+    compile: Bool = False  # torch.compile the UNet (minutes of warm-up per size on first use)
+    channels_last: Bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _slots_for_batches(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "batch_size" in data and "max_concurrent" not in data:
+            data = {**data, "max_concurrent": data["batch_size"]}
+        return data
+
     def generator_kwargs(self, settings: Settings) -> dict[str, Any] | None:
         """Keyword arguments for DiffusersGenerator, or None when it is disabled."""
         if not self.enabled:
             return None
-        return {
+        kwargs: dict[str, Any] = {
             "models": dict(self.models),
             "data_dir": settings.path(settings.storage.images_dir).parent,
             "device": self.device,
@@ -285,6 +330,21 @@ class LocalGeneratorSettings(_Section):
             "price_per_second_usd": self.price_per_second_usd,
             "upscaler": self.upscaler or None,
         }
+        device = {k: getattr(self, k) for k in ("cpu_offload", "vae_tiling", "vae_slicing", "compile",
+                                                 "channels_last") if getattr(self, k)}
+        if self.attention != "sdpa":
+            device["attention"] = self.attention
+        extra = {
+            "overrides": {k: v.model_dump(exclude_none=True) for k, v in self.overrides.items()},
+            "loras": {k: v if isinstance(v, str) else v.model_dump() for k, v in self.loras.items()},
+            "controlnets": {k: v if isinstance(v, str) else v.model_dump(exclude_none=True)
+                            for k, v in self.controlnets.items()},
+            "memory_budget_gb": self.memory_budget_gb,
+            "device_options": device,
+        }
+        if self.batch_size > 1:
+            kwargs |= {"batch_size": self.batch_size, "batch_window_s": self.batch_window_ms / 1000}
+        return kwargs | {k: v for k, v in extra.items() if v}  # only what is set beyond the defaults
 
 
 class CloudGeneratorSettings(_Section):
@@ -459,6 +519,78 @@ class A1111Settings(_Section):
         }
 
 
+def _max_at_least_min(value: int, info: Any) -> int:
+    if value < info.data.get("min_replicas", 0):
+        raise PydanticCustomError(_RULE, "must be at least min_replicas")
+    return value
+
+
+class ClusterSettings(_Section):
+    """A Ray Serve GPU pool (the cluster extra). `easel cluster deploy` deploys the models of
+    [generators.local.models] as the Serve application `app`, one deployment per model; `models`
+    here maps easel model names to those deployed models. Off until an address and models are set."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: Bool = True
+    # "local": a Ray instance started inside easel on this machine's CPUs (for trying it out);
+    # "auto": the cluster `ray start` runs on this machine; else the head's host:port or
+    # ray://host:10001.
+    address: Str = ""
+    app: Annotated[Str, _rule(lambda v: bool(v.strip()), "cannot be empty")] = "easel"
+    # easel model name -> deployed model (a [generators.local.models] name), e.g. pool-sdxl = "sdxl".
+    models: dict[Str, Str] = Field(default_factory=dict)
+    # Per replica; with address = "local" no GPU is asked for.
+    num_gpus: Annotated[Number, _NOT_NEGATIVE] = 1.0
+    num_cpus: Annotated[Number, _NOT_NEGATIVE] = 1.0
+    # Replicas per model, scaled on ongoing requests per replica (target_ongoing_requests).
+    min_replicas: Annotated[Int, _rule(lambda v: 0 <= v <= 1000, "must be 0-1000")] = 1
+    max_replicas: Annotated[Int, _rule(lambda v: 1 <= v <= 1000, "must be 1-1000"),
+                            AfterValidator(_max_at_least_min)] = 1
+    target_ongoing_requests: Annotated[Number, _POSITIVE] = 2.0
+    # Concurrent compatible requests (same model, size, steps, guidance, options) that a replica
+    # merges into one batch, and how long it waits for them.
+    max_batch_size: Annotated[Int, _rule(lambda v: 1 <= v <= 64, "must be 1-64")] = 4
+    batch_wait_timeout_s: Annotated[Number, _rule(lambda v: 0 <= v <= 10, "must be 0-10 (seconds)")] = 0.05
+    timeout_s: Seconds = 600.0
+    max_concurrent: Concurrency = 8  # jobs this front end sends the pool at once
+    local_cpus: Annotated[Int, _NOT_NEGATIVE] = 0  # address = "local": CPUs Ray may use; 0: all
+
+    def deployment(self, settings: Settings) -> dict[str, Any]:
+        """What `easel cluster deploy` deploys: the local generator's keyword arguments (on the
+        CPU with address = "local") and the pool's options (generators.serve_app.PoolOptions)."""
+        local = settings.generators.local.model_copy(update={"enabled": True})
+        kwargs = local.generator_kwargs(settings) or {}
+        local_mode = self.address == "local"
+        if local_mode:
+            kwargs["device"] = "cpu"
+        options = {"num_gpus": 0.0 if local_mode else self.num_gpus, "num_cpus": self.num_cpus,
+                   "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                   "target_ongoing_requests": self.target_ongoing_requests,
+                   "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+        return {"generator_kwargs": kwargs, "options": options}
+
+    def generator_kwargs(self, settings: Settings) -> dict[str, Any] | None:
+        """Keyword arguments for ClusterGenerator, or None when it is off (disabled, or no address
+        or models)."""
+        if not self.enabled or not self.address.strip() or not self.models:
+            return None
+        local = settings.generators.local
+        kwargs: dict[str, Any] = {
+            "address": self.address,
+            "app": self.app,
+            "models": dict(self.models),
+            "sources": dict(local.models),
+            "data_dir": settings.path(settings.storage.images_dir).parent,
+            "price_per_second_usd": local.price_per_second_usd,
+            "timeout_s": self.timeout_s,
+        }
+        if self.address == "local":
+            kwargs["deploy"] = self.deployment(settings)
+            kwargs["local_cpus"] = self.local_cpus or None
+        return kwargs
+
+
 @dataclass(frozen=True)
 class GeneratorEntry:
     """One generator: its `[generators.<name>]` table (and provider name), its class as
@@ -488,6 +620,7 @@ GENERATORS: tuple[GeneratorEntry, ...] = (
     GeneratorEntry("fireworks", "generators.fireworks_flux:FireworksFlux", FireworksSettings),
     GeneratorEntry("comfyui", "generators.comfyui:ComfyUI", ComfyUISettings),
     GeneratorEntry("a1111", "generators.a1111:Automatic1111", A1111Settings),
+    GeneratorEntry("cluster", "generators.cluster:ClusterGenerator", ClusterSettings),
 )
 
 # [generators]: one field per registry entry, each defaulting to its section's defaults.
@@ -528,6 +661,15 @@ class RoutingSettings(_Section):
 _URL = _rule(lambda v: not v or v.startswith(("http://", "https://", "ws://", "wss://")), "must be a URL")
 
 
+def _shard_ids_in_range(ids: tuple[int, ...], info: Any) -> tuple[int, ...]:
+    shards = info.data.get("shards")
+    if ids and not isinstance(shards, int) or ids and shards == 0:
+        raise PydanticCustomError(_RULE, "needs discord.shards set to a number of shards")
+    if any(not 0 <= i < shards for i in ids) or len(set(ids)) != len(ids):
+        raise PydanticCustomError(_RULE, f"must be distinct shard numbers from 0 to {shards - 1 if ids else 0}")
+    return ids
+
+
 class DiscordSettings(_Section):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -548,8 +690,17 @@ class DiscordSettings(_Section):
     progress_interval_s: Annotated[Number, _rule(lambda v: v >= 1.0, "must be at least 1")] = 2.0
     # Most images one /imagine may ask for.
     max_count: Annotated[Int, _rule(lambda v: 1 <= v <= 4, "must be 1-4")] = 4
+    # How far a result's Vary (Subtle) and Vary (Strong) buttons go from it (0-1, img2img strength).
+    vary_subtle: Annotated[Number, _rule(lambda v: 0 < v <= 1, "must be above 0 and at most 1")] = 0.35
+    vary_strong: Annotated[Number, _rule(lambda v: 0 < v <= 1, "must be above 0 and at most 1")] = 0.8
     # On shutdown, how long running jobs get to finish before they are cancelled and refunded.
     shutdown_grace_s: Annotated[Number, _NOT_NEGATIVE] = 30.0
+    # Gateway shards: 0 (one connection, no sharding), "auto" (an AutoShardedClient with the
+    # count Discord recommends), or a count; with a count, shard_ids are this process's shards
+    # (several processes split the guilds), empty: all of them.
+    shards: Annotated[Any, _rule(lambda v: v == "auto" or (type(v) is int and 0 <= v <= 100_000),
+                                       'must be "auto" or a number of shards (0: no sharding)')] = 0
+    shard_ids: Annotated[tuple[StrictInt, ...], AfterValidator(_shard_ids_in_range)] = ()
 
     def token(self) -> str | None:
         return os.environ.get(self.token_env) or None

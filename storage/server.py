@@ -1,8 +1,9 @@
 """The HTTP server that gives every stored image a stable public URL.
 
-Images are streamed, never buffered whole: each response reads its file in `chunk_bytes` pieces
-on a small thread pool and writes each with back-pressure, so a slow client holds about one chunk
-of memory however large the image. At most `max_streams` responses of files of `small_file_bytes`
+Images are never buffered whole: on a plain TCP transport the kernel sends the verified, open
+file itself (sendfile(2), in pieces each under the stall timeout); otherwise (TLS) each response
+reads its file in `chunk_bytes` pieces on a small thread pool and writes each with back-pressure,
+so a slow client holds about one chunk of memory however large the image. At most `max_streams` responses of files of `small_file_bytes`
 or more stream at once; the others wait for a slot holding nothing (not even an open file).
 
 The ETag is the content key (the sha256 of the bytes), so before a file is served under it the
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_STREAMS = 64
 CHUNK_BYTES = 256 * 1024
+SENDFILE_PIECE = 1 << 20  # sendfile(2) per call: the stall timeout applies to each
 SMALL_FILE_BYTES = 1 << 20
 VERIFIED_CACHE_SIZE = 4096
 STALL_TIMEOUT_S = 60.0
@@ -94,6 +96,11 @@ def _read(fd: int, size: int, offset: int, check: bool) -> tuple[bytes, _Sig | N
     """`size` bytes at `offset`, and when `check`, the file's stat afterwards."""
     data = os.pread(fd, size, offset)
     return data, (_sig(os.fstat(fd)) if check else None)
+
+
+def _unbuffered(fd: int) -> Any:
+    """A file object over `fd` (which stays open) for loop.sendfile."""
+    return open(fd, "rb", buffering=0, closefd=False)
 
 
 def _hash_file(path: Path) -> tuple[_Sig | None, str]:
@@ -225,12 +232,13 @@ def _matches(tags: Any, key: str) -> bool:
 def make_image_app(store: LocalBlobStore, *, max_streams: int = MAX_STREAMS,
                    chunk_bytes: int = CHUNK_BYTES, small_file_bytes: int = SMALL_FILE_BYTES,
                    verified_cache_size: int = VERIFIED_CACHE_SIZE,
-                   stall_timeout_s: float = STALL_TIMEOUT_S) -> web.Application:
+                   stall_timeout_s: float = STALL_TIMEOUT_S, sendfile: bool = True) -> web.Application:
     """The image app: `/images/{key}.{ext}` and `/healthz`. Responses for files of
     `small_file_bytes` or more take one of `max_streams` slots while they stream; a client that
     takes no chunk for `stall_timeout_s` is dropped, so stalled readers cannot hold the slots."""
     if max_streams < 1 or chunk_bytes < 1 or stall_timeout_s <= 0:
         raise ValueError("max_streams, chunk_bytes and stall_timeout_s must be positive")
+    sendfile_ok = sendfile
     stats = ImageServerStats(max_streams=max_streams)
     slots = asyncio.Semaphore(max_streams)
     io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="easel-images-io")
@@ -271,24 +279,65 @@ def make_image_app(store: LocalBlobStore, *, max_streams: int = MAX_STREAMS,
             "ETag": etag,
             "Accept-Ranges": "bytes",
         }
-        try:
-            st = await io(os.stat, path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise web.HTTPNotFound(text="no such image") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise web.HTTPNotFound(text="no such image")
-        if _matches(request.if_none_match, key):
-            return web.Response(status=304, headers=headers)
         head = request.method == "HEAD"
-        async with slot(not head and st.st_size >= small_file_bytes):
-            try:
-                fd, sig = await io(_open, path)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                raise web.HTTPNotFound(text="no such image") from None
-            try:
-                return await respond(request, key, ext, path, fd, sig, headers, head)
-            finally:
-                os.close(fd)  # a regular local file: close does not wait on the disk
+        try:
+            fd, sig = await io(_open, path)  # one hop: opened, and its stat
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise web.HTTPNotFound(text="no such image") from None
+        if _matches(request.if_none_match, key):
+            os.close(fd)  # a regular local file: close does not wait on the disk
+            return web.Response(status=304, headers=headers)
+        if not head and sig.size >= small_file_bytes:
+            os.close(fd)
+            async with slot(True):  # waiting for a slot holds nothing, not even an open file
+                try:
+                    fd, sig = await io(_open, path)
+                except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                    raise web.HTTPNotFound(text="no such image") from None
+                try:
+                    return await respond(request, key, ext, path, fd, sig, headers, head)
+                finally:
+                    os.close(fd)
+        try:
+            return await respond(request, key, ext, path, fd, sig, headers, head)
+        finally:
+            os.close(fd)
+
+    async def send_file(request: web.Request, key: str, ext: str, fd: int, sig: _Sig, start: int,
+                        stop: int) -> bool:
+        """The body by sendfile(2) from the verified, open file: no copy through Python, in pieces
+        of `SENDFILE_PIECE` each under the stall timeout, the file's stat checked before the last
+        piece. False where the transport cannot (TLS): the caller streams it instead."""
+        transport, loop = request.transport, asyncio.get_running_loop()
+        if transport is None or not sendfile_ok:
+            return False
+        with _unbuffered(fd) as f:
+            pos = start
+            while pos < stop:
+                n = min(SENDFILE_PIECE, stop - pos)
+                # fstat of an open local file reads no disk: no thread hop for it.
+                if pos + n >= stop and _sig(os.fstat(fd)) != sig:
+                    verifier.forget(key, ext)
+                    log.warning("stored image %s.%s changed while being served; response dropped", key, ext)
+                    transport.abort()
+                    return True
+                try:
+                    async with asyncio.timeout(stall_timeout_s):
+                        await loop.sendfile(transport, f, pos, n, fallback=False)
+                except asyncio.SendfileNotAvailableError:
+                    if pos == start:
+                        return False
+                    transport.abort()  # it failed part way: the client went away
+                    return True
+                except (RuntimeError, ConnectionError):  # the transport is closing: the client left
+                    transport.abort()
+                    return True
+                except TimeoutError:
+                    log.info("dropped a client that took nothing for %gs: %s", stall_timeout_s, request.remote)
+                    transport.abort()
+                    return True
+                pos += n
+        return True
 
     async def respond(request: web.Request, key: str, ext: str, path: Path, fd: int, sig: _Sig,
                       headers: dict[str, str], head: bool) -> web.StreamResponse:
@@ -319,6 +368,8 @@ def make_image_app(store: LocalBlobStore, *, max_streams: int = MAX_STREAMS,
         try:
             await resp.prepare(request)
             if head:
+                return resp
+            if await send_file(request, key, ext, fd, sig, start, stop):
                 return resp
             pos = start
             while pos < stop:

@@ -24,7 +24,8 @@ from tests.helpers import start_app
 
 T = TypeVar("T")
 RESULT_REACTIONS = {"\U0001f501", "\U0001f3b2", "\u2b06\ufe0f", "\U0001f5d1\ufe0f"}
-ACTIONS = ("variation", "reroll", "upscale", "delete", "zoom", "left", "right", "up", "down")  # two rows
+ACTIONS = ("subtle", "strong", "reroll", "upscale", "details", "delete", "zoom", "left", "right", "up",
+           "down")  # three rows
 PRICE_MICROS = 10_000  # PreparedGenerator's default price, $0.01
 ALLOWANCE_MICROS = 1_000_000  # easel's default allowance, $1
 
@@ -234,3 +235,31 @@ def bot_reactions(fake: FakeDiscord, message: StoredMessage) -> set[str]:
 
 def message_link(message: StoredMessage) -> str:
     return f"https://discord.com/channels/{message.guild_id}/{message.channel_id}/{message.id}"
+
+
+class BotStarter:
+    """Starts the bot with settings overrides ({"table": {key: value}}); closes what it started."""
+
+    def __init__(self, fake: FakeDiscord, tmp_path: Path):
+        self.fake, self.tmp_path = fake, tmp_path
+        self.started: list[RunningBot] = []
+
+    async def __call__(self, overrides=None, **kwargs) -> RunningBot:
+        running = await start_bot(self.fake, config=settings_data(self.tmp_path, overrides), **kwargs)
+        self.started.append(running)
+        return running
+
+    async def restart(self, running: RunningBot) -> RunningBot:
+        restarted = await running.restarted()
+        self.started.append(restarted)
+        return restarted
+
+    async def close_all(self) -> None:
+        for running in self.started:
+            if not running.client.is_closed():
+                await running.close()
+
+
+def labels(message: StoredMessage) -> dict[str, str]:
+    """Button label -> custom id."""
+    return {c.get("label", ""): c["custom_id"] for row in message.components for c in row.get("components", [])}

@@ -8,6 +8,7 @@ from bot.config import (
     GENERATORS,
     A1111Settings,
     CloudGeneratorSettings,
+    ClusterSettings,
     ComfyUISettings,
     ConfigError,
     FireworksSettings,
@@ -224,17 +225,17 @@ def test_a_bad_variable_is_named_in_one_line(tmp_path, monkeypatch, name, value,
 
 def test_registry_lists_every_generator_and_queue_limits_read_it():
     assert [e.name for e in GENERATORS] == ["local", "openai", "replicate", "together", "google", "fireworks",
-                                            "comfyui", "a1111"]
+                                            "comfyui", "a1111", "cluster"]
     assert [e.settings_class for e in GENERATORS] == [
         LocalGeneratorSettings, OpenAISettings, ReplicateSettings, TogetherSettings, GoogleSettings,
-        FireworksSettings, ComfyUISettings, A1111Settings]
+        FireworksSettings, ComfyUISettings, A1111Settings, ClusterSettings]
     s = settings_from_dict({"generators": {"local": {"max_concurrent": 2}, "together": {"max_concurrent": 7}}})
     assert list(type(s.generators).model_fields) == [e.name for e in GENERATORS]
     for e in GENERATORS:
         assert isinstance(e.section(s), e.settings_class) and e.section(s) is getattr(s.generators, e.name)
         assert ":" in e.target and e.target.startswith("generators.")
     assert queue_limits(s) == {"local": 2, "openai": 4, "replicate": 4, "together": 7, "google": 4, "fireworks": 4,
-                               "comfyui": 4, "a1111": 2}
+                               "comfyui": 4, "a1111": 2, "cluster": 8}
     assert all(issubclass(c, CloudGeneratorSettings) for c in (OpenAISettings, ReplicateSettings, TogetherSettings))
 
 
@@ -247,7 +248,7 @@ def test_registry_targets_are_the_generator_classes():
             continue  # importing it is cheap, but keep this test free of the local extra
         cls = e.load()
         assert cls.__name__ == e.target.rsplit(":", 1)[1]
-        first = "servers" if e.name in ("comfyui", "a1111") else "api_key"
+        first = {"comfyui": "servers", "a1111": "servers", "cluster": "address"}.get(e.name, "api_key")
         assert list(inspect.signature(cls.__init__).parameters)[1] == first
 
 

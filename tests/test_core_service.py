@@ -119,6 +119,18 @@ async def test_an_image_the_store_will_not_take_fails_the_job_and_refunds_it():
     assert core.available() == usd_to_micros(1.0) and not core.ledger.held
 
 
+async def test_cancelling_one_image_of_several_lets_the_others_finish_and_be_charged():
+    core = Core(MemoryGenerator(delay_s=0.3), max_requests=1)
+    running = asyncio.ensure_future(core.service.imagine(job_request("imagine", "u1", "a fox --seed 1"), count=3))
+    while len(core.jobs.rows) < 3:
+        await asyncio.sleep(0.01)
+    second = sorted(core.jobs.rows)[1]
+    assert await core.service.cancel(second)
+    outs = await running  # no exception: the other two are not lost
+    assert [o.status for o in outs] == [JobStatus.DONE, JobStatus.CANCELLED, JobStatus.DONE]
+    assert core.available() == usd_to_micros(1.0 - 2 * PRICE) and not core.ledger.held
+
+
 async def test_inline_seed_in_any_case_gives_consecutive_seeds_for_count():
     core = Core(MemoryGenerator(), max_requests=1)
     outs = await core.service.imagine(job_request("imagine", "u1", "a castle --Seed 42"), count=2)
@@ -161,9 +173,15 @@ async def test_cancelling_a_running_job_refunds_it():
     await asyncio.sleep(0.05)
     (job_id,) = core.jobs.rows
     assert await core.service.cancel(job_id)
+    out = await task  # cancelled through the service: an outcome that says so, not an exception
+    assert (out.status, out.error_code) == (JobStatus.CANCELLED, ErrorCode.CANCELLED)
+    assert core.jobs.get(job_id).status == JobStatus.CANCELLED and core.available() == usd_to_micros(1.0)
+    task = asyncio.create_task(core.service.submit(job_request("imagine", "u1", "a cat")))
+    await asyncio.sleep(0.05)
+    task.cancel()  # the caller itself cancelled (Ctrl-C, shutdown): the exception goes on
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert core.jobs.get(job_id).status == JobStatus.CANCELLED and core.available() == usd_to_micros(1.0)
+    assert core.available() == usd_to_micros(1.0)
 
 
 async def test_an_option_the_model_lacks_is_refused_before_reserving():

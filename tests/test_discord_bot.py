@@ -112,9 +112,11 @@ def png_of(image: PILImage.Image) -> bytes:
 
 async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
     bot = await make_bot()
-    commands = {c["name"]: c for c in fake.commands()}
-    assert sorted(commands) == ["budget", "edit", "gallery", "imagine", "moderation", "settings", "tips", "upscale", "usage",
-                                 "variation"]
+    commands = {c["name"]: c for c in fake.commands() if c["type"] == 1}
+    assert sorted(commands) == ["budget", "edit", "gallery", "help", "imagine", "moderation", "queue", "settings", "tips",
+                                "upscale", "usage", "variation"]
+    menus = sorted(c["name"] for c in fake.commands() if c["type"] == 3)  # message context menus
+    assert menus == ["Details", "Upscale", "Use as image for /edit", "Vary"]
     assert fake.commands(fake.guild) == []  # no sync_guilds: global commands only
     assert fake.unmatched_requests == []
 
@@ -334,24 +336,17 @@ async def test_inline_flags_set_seed_negative_prompt_and_aspect(fake, make_bot):
     assert (call.prompt, call.seed, call.negative_prompt) == ("a harbour at night", 42, "blur")
 
 
-async def test_count_two_gives_two_results_with_consecutive_seeds(fake, make_bot):
+async def test_count_two_gives_one_grid_of_two_images_with_consecutive_seeds(fake, make_bot):
     bot = await make_bot()
     interaction = await fake.send_slash_command("imagine", {"prompt": "a kite --seed 7", "count": 2})
-    first = await result_of(fake, interaction, bot=bot)
-    second = await eventually(lambda: [fake.message(i) for i in interaction.followup_message_ids
-                                       if fake.message(i).attachments], what="the second result")
-    [second] = second
-    await eventually(lambda: bot.app.jobs.by_message(str(second.id)), what="the second result recorded")
+    grid = await result_of(fake, interaction, bot=bot)
     jobs = bot.jobs()
     assert sorted(j.seed for j in jobs) == [7, 8]
     assert all(j.prompt == "a kite" and j.status == "done" for j in jobs)
-    by_message = {j.message_id: j for j in jobs}
-    for message in (first, second):
-        job = by_message[str(message.id)]
-        assert embed_fields(message)["Seed"] == str(job.seed)
-        assert message.attachments[0].data == bot.app.blobs.get(job.sha256)
-        assert not message.flags & EPHEMERAL
-        await eventually(lambda: bot_reactions(fake, fake.message(message.id)) == RESULT_REACTIONS)
+    await eventually(lambda: {j.message_id for j in bot.jobs()} == {str(grid.id)}, what="all recorded")
+    assert interaction.followup_message_ids == []
+    assert decoded(grid.attachments[0].data).size == (2 * 512 + 4, 512)  # two across
+    assert not grid.flags & EPHEMERAL
     assert sorted(c[2] for c in bot.charges(fake.user.id)) == [PRICE_MICROS, PRICE_MICROS]
 
 
@@ -385,13 +380,9 @@ async def test_count_four_gives_four_results_within_the_default_job_limit(fake, 
     trip the member's own in-flight limit."""
     bot = await make_bot(generator=PreparedGenerator(delay_s=0.3))
     interaction = await fake.send_slash_command("imagine", {"prompt": "a kite --seed 7", "count": 4})
-    await result_of(fake, interaction, bot=bot)
-    followups = await eventually(
-        lambda: len(interaction.followup_message_ids) == 3 and all(
-            fake.message(i).attachments for i in interaction.followup_message_ids),
-        timeout=3, what="three more results")
-    assert followups
+    grid = await result_of(fake, interaction, bot=bot)
     assert sorted((j.seed, j.status) for j in bot.jobs()) == [(7, "done"), (8, "done"), (9, "done"), (10, "done")]
+    await eventually(lambda: {j.message_id for j in bot.jobs()} == {str(grid.id)}, what="all recorded")
     assert len(bot.charges(fake.user.id)) == 4
 
 
@@ -445,7 +436,8 @@ async def test_variation_by_job_number_and_by_message_link_and_upscale_of_the_la
     assert (jobs[3].width, jobs[3].height) == (1024, 1024)
     assert decoded(upscaled.attachments[0].data).size == (1024, 1024)
     assert embed_fields(upscaled)["Size"] == "1024\u00d71024"
-    assert button_ids(upscaled) == [f"easel:{a}:{jobs[3].id}" for a in ("variation", "reroll", "delete")]
+    assert button_ids(upscaled) == [f"easel:{a}:{jobs[3].id}" for a in ("subtle", "strong", "reroll", "details",
+                                                                         "delete")]
     assert by_link.embeds[0]["title"] == f"Variation \u00b7 job {jobs[2].id}"
     assert [c[:2] for c in bot.charges()] == [(str(fake.user.id), 1), (str(bob.id), 2),
                                               (str(fake.user.id), 3), (str(fake.user.id), 4)]
@@ -530,7 +522,7 @@ async def test_a_private_result_varied_with_its_button_stays_private(fake, make_
     await immediate_reply(fake, await fake.send_slash_command("settings", {"private": True}))
     _, result = await imagine_result(bot, {"prompt": "a diary page"})
     [job] = bot.jobs()
-    click = await fake.send_component_interaction(result.id, f"easel:variation:{job.id}")
+    click = await fake.send_component_interaction(result.id, f"easel:subtle:{job.id}")
     message = await result_of(fake, click, bot=bot)
     assert bot.jobs()[-1].kind == "variation"
     assert message.flags & EPHEMERAL, "a member with private results got a public one"
@@ -693,7 +685,7 @@ async def test_reactions_vary_reroll_upscale_and_delete(fake, make_bot, bob):
     assert len(bot.generator.calls) == 4 and bot.held() == []
 
 
-@pytest.mark.parametrize("action", ["variation", "reroll", "upscale"])
+@pytest.mark.parametrize("action", ["subtle", "strong", "reroll", "upscale"])
 async def test_a_button_runs_its_action_charged_to_whoever_clicks(fake, make_bot, bob, action):
     bot = await make_bot()
     _, result = await imagine_result(bot, {"prompt": "a glass city"})
@@ -707,7 +699,9 @@ async def test_a_button_runs_its_action_charged_to_whoever_clicks(fake, make_bot
     job = bot.jobs()[-1]
     assert job.user_id == str(bob.id) and job.message_id == str(message.id)
     assert bot.charges(bob.id) == [(str(bob.id), job.id, PRICE_MICROS)]
-    assert job.kind == {"variation": "variation", "reroll": "imagine", "upscale": "upscale"}[action]
+    assert job.kind == {"subtle": "variation", "strong": "variation", "reroll": "imagine", "upscale": "upscale"}[action]
+    if action in ("subtle", "strong"):
+        assert job.strength == {"subtle": 0.35, "strong": 0.8}[action]  # the two strengths from config
     if action != "reroll":
         assert job.source_job_id == source.id
     else:
@@ -1039,8 +1033,9 @@ async def test_easel_run_serves_an_imagine_and_stops_on_sigterm(fake, easel_proc
     except TimeoutError:
         raise AssertionError(f"easel run never identified\n{easel.stderr()}") from None
     assert fake.identify_payload["intents"] == INTENTS
-    assert sorted(c["name"] for c in fake.commands()) == [
-        "budget", "edit", "gallery", "imagine", "moderation", "settings", "tips", "upscale", "usage", "variation"]
+    assert sorted(c["name"] for c in fake.commands() if c["type"] == 1) == [
+        "budget", "edit", "gallery", "help", "imagine", "moderation", "queue", "settings", "tips", "upscale", "usage",
+        "variation"]
     assert not [r for r in fake.requests if r.path.endswith("/gateway/bot")]  # it was given the gateway
 
     interaction = await fake.send_slash_command("imagine", {"prompt": "a lighthouse --ar 1:1"})
@@ -1270,7 +1265,7 @@ async def test_admins_hear_once_when_a_member_is_cooled_down(fake, make_bot, bob
 
 
 async def test_a_roles_allowance_applies_to_its_members(fake, make_bot):
-    bot = await make_bot()
+    await make_bot()
     moderators = next(r for r in fake.guild.roles.values() if r.name == "Moderator")
     text = await budget(fake, "allowance set", {"amount": 3.0, "role": moderators})
     assert text.startswith("Done; it applies from the next refill") and f"<@&{moderators.id}> $3.0000" in text

@@ -57,6 +57,7 @@ class Accounts:
         aspect: str | None = None,
         private: bool | None = None,
         enhance: bool | None = None,
+        remix: bool | None = None,
     ) -> UserSettings:
         """Change what is given (a CLEAR word resets it); Refusal(USAGE) for a bad value."""
         try:
@@ -75,6 +76,7 @@ class Accounts:
                 aspect=_pick(aspect, current.aspect),
                 private=current.private if private is None else private,
                 enhance=current.enhance if enhance is None else enhance,
+                remix=current.remix if remix is None else remix,
             )
             if updated != current:
                 self.preferences.set_user(updated)

@@ -13,7 +13,19 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from .models import ErrorCode, EventSink, EventState, JobEvent, Refusal
+from .models import ErrorCode, EventSink, EventState, JobEvent, QueueEntry, Refusal
+
+RECENT = 10  # generation times kept per model for the ETA
+
+
+@dataclass
+class _Held:
+    """A job in a slot or waiting for one: what /queue and the ETA need."""
+
+    user_id: str
+    provider: str
+    model: str | None
+    started: float | None = None  # loop time it got its slot
 
 
 @dataclass
@@ -112,6 +124,8 @@ class Admission:
         self._queues: dict[str, FairQueue] = {}
         self._in_flight: dict[str, dict[str, int]] = {}  # user -> request group -> jobs
         self._sinks: dict[int, EventSink] = {}  # jobs waiting for a slot, to tell their position
+        self._held: dict[int, _Held] = {}
+        self._durations: dict[str | None, deque[float]] = {}  # recent generation seconds per model
 
     def set_limits(self, limits: Mapping[str, int]) -> None:
         """New per-provider limits (a reload): a higher limit lets waiting jobs in at once; a
@@ -149,29 +163,77 @@ class Admission:
 
     @asynccontextmanager
     async def slot(
-        self, provider: str, job_id: int, user_id: str, on_event: EventSink | None
+        self,
+        provider: str,
+        job_id: int,
+        user_id: str,
+        on_event: EventSink | None,
+        model: str | None = None,
     ) -> AsyncIterator[None]:
-        """Wait for the provider's turn (telling `on_event` the queue position), hold the slot
-        for the body, then hand it on."""
+        """Wait for the provider's turn (telling `on_event` the queue position and ETA), hold the
+        slot for the body (timed, for later ETAs of `model`), then hand it on."""
         queue = self._queue(provider)
+        held = self._held[job_id] = _Held(user_id, provider, model)
         acquire = asyncio.ensure_future(queue.acquire(job_id, user_id))
         await asyncio.sleep(0)  # let it enqueue (or take a free slot) before we report
         if not acquire.done() and on_event is not None:
             self._sinks[job_id] = on_event
-            on_event(JobEvent(job_id, EventState.QUEUED, position=queue.position(job_id)))
+            pos = queue.position(job_id)
+            on_event(JobEvent(job_id, EventState.QUEUED, position=pos, eta_s=self.eta_s(job_id)))
         try:
             await acquire
         except asyncio.CancelledError:
             acquire.cancel()
+            self._held.pop(job_id, None)
             raise
         finally:
             self._sinks.pop(job_id, None)
             self._announce(queue)
+        held.started = asyncio.get_running_loop().time()
         try:
             yield
+            recent = self._durations.setdefault(model, deque(maxlen=RECENT))
+            recent.append(asyncio.get_running_loop().time() - held.started)
         finally:
+            self._held.pop(job_id, None)
             queue.release()
             self._announce(queue)
+
+    def mean_s(self, model: str | None) -> float | None:
+        """The mean of `model`'s recent generation times; None before the first."""
+        recent = self._durations.get(model)
+        return sum(recent) / len(recent) if recent else None
+
+    def eta_s(self, job_id: int) -> float | None:
+        """Seconds until a waiting job is done: the work ahead of it (the rest of the running
+        jobs, the waiting ones before it) spread over the slots, then its own; None if it is not
+        waiting or its model has no recent times."""
+        held = self._held.get(job_id)
+        own = self.mean_s(held.model) if held is not None else None
+        if held is None or held.started is not None or own is None:
+            return None
+        queue, now = self._queues[held.provider], asyncio.get_running_loop().time()
+        order = queue.order()
+        ahead = order[: order.index(job_id)] if job_id in order else []
+        work = sum(self.mean_s(self._held[j].model) or own for j in ahead if j in self._held)
+        for other in self._held.values():
+            if other.provider == held.provider and other.started is not None:
+                work += max(0.0, (self.mean_s(other.model) or own) - (now - other.started))
+        return work / queue.limit + own
+
+    def entries(self) -> list[QueueEntry]:
+        """Every job running or waiting, running first, then waiting in the order served."""
+        out = [
+            QueueEntry(j, h.user_id, h.provider, h.model, None)
+            for j, h in self._held.items()
+            if h.started is not None
+        ]
+        for provider, queue in self._queues.items():
+            for position, j in enumerate(queue.order(), start=1):
+                h = self._held.get(j)
+                if h is not None:
+                    out.append(QueueEntry(j, h.user_id, provider, h.model, position, self.eta_s(j)))
+        return out
 
     def position(self, job_id: int) -> int | None:
         for queue in self._queues.values():
@@ -189,4 +251,4 @@ class Admission:
         for position, job_id in enumerate(queue.order(), start=1):
             sink = self._sinks.get(job_id)
             if sink is not None:
-                sink(JobEvent(job_id, EventState.QUEUED, position=position))
+                sink(JobEvent(job_id, EventState.QUEUED, position=position, eta_s=self.eta_s(job_id)))

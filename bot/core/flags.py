@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .models import MAX_SEED
+from .models import LORA_OPTION, MAX_SEED, UnsupportedRequest, parse_loras
 
 
 class FlagError(ValueError):
@@ -45,12 +45,14 @@ _NAMES = {
     "cfg": "guidance",
     **{name: name for name in OPTION_FLAGS},
     "enhance": "enhance",
+    "lora": LORA_OPTION,
 }
 _SWITCHES = ("enhance",)  # flags that take no value
+_REPEATABLE = (LORA_OPTION,)  # `--lora a --lora b:0.5`: up to three LoRAs
 FLAG_HELP = (
     "--seed N, --no TEXT, --ar W:H, --model NAME, --steps N, --guidance F, "
     + ", ".join(f"--{name} VALUE" for name in OPTION_FLAGS)
-    + ", --enhance"
+    + ", --enhance, --lora NAME[:WEIGHT]"
 )
 
 
@@ -94,6 +96,12 @@ def _parse_value(name: str, text: str) -> object:
         if not re.fullmatch(r"[\w./:-]{1,100}", text):
             raise FlagError(f"--model takes a model name, not {text!r}")
         return text
+    if name == LORA_OPTION:
+        try:
+            loras = parse_loras(text)
+        except UnsupportedRequest as exc:
+            raise FlagError(f"--lora: {exc}") from None
+        return ",".join(n if w is None else f"{n}:{w:g}" for n, w in loras)
     if name in OPTION_FLAGS:
         if not re.fullmatch(r"[\w.-]{1,40}", text):
             raise FlagError(f"--{name} takes one word, not {text!r}")
@@ -111,7 +119,7 @@ def parse_flags(text: str) -> ParsedPrompt:
         if flag not in _NAMES:
             raise FlagError(f"unknown flag --{flag}; flags are: {FLAG_HELP}")
         name = _NAMES[flag]
-        if name in values:
+        if name in values and name not in _REPEATABLE:
             raise FlagError(f"--{flag} is given twice")
         end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
         raw = text[m.end() : end].strip()
@@ -125,8 +133,9 @@ def parse_flags(text: str) -> ParsedPrompt:
         if name != "negative_prompt" and len(raw.split()) > 1:
             # Text after a single-valued flag would otherwise vanish from the prompt.
             raise FlagError(f"--{flag} takes one value, but got {raw!r}; put flags after the prompt")
-        values[name] = _parse_value(name, raw)
-    options = {name: values.pop(name) for name in OPTION_FLAGS if name in values}
+        value = _parse_value(name, raw)
+        values[name] = _parse_value(name, f"{values[name]},{value}") if name in values else value
+    options = {name: values.pop(name) for name in (*OPTION_FLAGS, *_REPEATABLE) if name in values}
     return ParsedPrompt(prompt=" ".join(prompt.split()), options=options, **values)  # type: ignore[arg-type]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .access import find
 from .flags import size_for_aspect
 from .models import (
+    CONTROL_OPTION,
     MAX_SEED,
     ErrorCode,
     GenerationParams,
@@ -79,6 +80,8 @@ class Planner:
         # Chosen once and recorded, so the image can be remade; models that cannot honour a
         # seed get none (and refuse one that was asked for).
         seed = params.seed if params.seed is not None else self.random_seed()
+        # An imagine's uploaded image is what its ControlNet follows, not a source to redraw.
+        control = request.kind == Kind.IMAGINE and CONTROL_OPTION in params.options
         options: list[tuple[Route, GenerationRequest]] = []
         refusal: Refusal | None = None
         for route in await asyncio.to_thread(self._candidates, params.model, request, inputs.source):
@@ -102,9 +105,10 @@ class Planner:
                         strength=strength,
                         negative_prompt=negative,
                     ),
-                    source_image=inputs.image,
+                    source_image=None if control else inputs.image,
                     mask_image=inputs.mask,
                     upscale_factor=self.policy.upscale_factor,
+                    control_image=inputs.image if control else None,
                 )
                 spec.check(gen)
                 options.append((route, gen))

@@ -25,14 +25,17 @@ from .models import (
     ErrorCode,
     EventSink,
     GeneratedImage,
+    GenerationParams,
     JobOutcome,
     JobRecord,
     JobRequest,
     JobStatus,
     Kind,
     ModerationEvent,
+    QueueEntry,
     Refusal,
     Requester,
+    StoreFailed,
 )
 from .planning import Plan, Planner
 from .policy import Policy
@@ -86,6 +89,7 @@ class EaselService:
             None, on_failure="original", max_prompt_chars=policy.max_prompt_chars
         )
         self._tasks: dict[int, asyncio.Task[JobOutcome]] = {}
+        self._cancelling: set[int] = set()  # jobs `cancel` was asked for
 
     # ---- what front ends ask for --------------------------------------------------------------
 
@@ -126,15 +130,59 @@ class EaselService:
         return await self._run(request, asked, on_event)
 
     async def reroll(
-        self, job_id: int, requester: Requester, on_event: EventSink | None = None
+        self,
+        job_id: int,
+        requester: Requester,
+        on_event: EventSink | None = None,
+        *,
+        prompt: str | None = None,
     ) -> JobOutcome:
-        """The job's request again with a new seed, charged to `requester`."""
-        return await self._again(job_id, requester, self.records.reroll_request, on_event)
+        """The job's request again with a new seed (and `prompt`, if given: a remix), charged to
+        `requester`."""
 
-    async def vary(self, job_id: int, requester: Requester, on_event: EventSink | None = None) -> JobOutcome:
-        """A variation of an earlier result, with its model (a result's Vary button)."""
-        request = JobRequest(Kind.VARIATION, requester, source_job_id=job_id)
+        def make(job: JobRecord, who: Requester) -> JobRequest:
+            request = self.records.reroll_request(job, who)
+            return request if prompt is None else replace(request, params=request.params.but(prompt=prompt))
+
+        return await self._again(job_id, requester, make, on_event)
+
+    async def reroll_all(
+        self, job_ids: list[int], requester: Requester, on_event: EventSink | None = None
+    ) -> list[JobOutcome]:
+        """Each job's request again with a new seed, as one request (a grid's reroll button)."""
+        try:
+            jobs = [await asyncio.to_thread(find, self.jobs, j, requester) for j in job_ids]
+        except Refusal as exc:
+            return [_refused(exc)]
+        group = f"request:{uuid.uuid4().hex}"
+        requests = [
+            replace(await asyncio.to_thread(self.records.reroll_request, j, requester), group=group)
+            for j in jobs
+        ]
+        return list(
+            await asyncio.gather(
+                *[self.submit(r, on_event if i == 0 else None) for i, r in enumerate(requests)]
+            )
+        )
+
+    async def vary(
+        self,
+        job_id: int,
+        requester: Requester,
+        on_event: EventSink | None = None,
+        *,
+        strength: float | None = None,
+        prompt: str | None = None,
+    ) -> JobOutcome:
+        """A variation of an earlier result, with its model (a result's Vary buttons), at
+        `strength` (None: the default) and with `prompt` (None: the source's; a remix)."""
+        params = GenerationParams(prompt=prompt or "", strength=strength)
+        request = JobRequest(Kind.VARIATION, requester, params, source_job_id=job_id)
         return await self.submit(request, on_event)
+
+    def queue(self) -> list[QueueEntry]:
+        """The jobs running and waiting for a generator, for /queue."""
+        return self.admission.entries()
 
     async def upscale(
         self, job_id: int, requester: Requester, on_event: EventSink | None = None
@@ -174,6 +222,7 @@ class EaselService:
         task = self._tasks.get(job_id)
         if task is None or task.done():
             return False
+        self._cancelling.add(job_id)  # the job ends with a cancelled outcome, not an exception
         task.cancel()
         return True
 
@@ -212,10 +261,15 @@ class EaselService:
             return outcome
         except asyncio.CancelledError:
             ending = Ending(JobStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled", timings=watch.ms)
-            self.records.finished(await asyncio.shield(self.billing.finish(job, ending)), None, request)
-            raise
+            outcome = await asyncio.shield(self.billing.finish(job, ending))
+            self.records.finished(outcome, None, request)
+            if job.id not in self._cancelling or task is None:
+                raise
+            task.uncancel()  # cancelled on its own (one image of several): the others go on
+            return outcome
         finally:
             self._tasks.pop(job.id, None)
+            self._cancelling.discard(job.id)
 
     async def _steps(
         self,
@@ -247,7 +301,8 @@ class EaselService:
                     plan = await _enhance(self.enhancer, self.screening, request, plan, watch, done)
                 queued = time.perf_counter()
                 # The slot limits calls to the generator, not the work on their results.
-                async with self.admission.slot(plan.route.spec.provider, job.id, job.user_id, on_event):
+                spec = plan.route.spec
+                async with self.admission.slot(spec.provider, job.id, job.user_id, on_event, spec.name):
                     watch.since("queue", queued)
                     with watch("generate"):
                         result = await generate(
@@ -267,6 +322,11 @@ class EaselService:
         except Refusal as exc:
             blocked = exc if isinstance(exc, Blocked) else None
             return Ending(exc.status, exc.code, str(exc), timings=watch.ms, blocked=blocked)
+        except StoreFailed as exc:  # the bucket or the folder would not take it
+            log.error("job %s: the image could not be stored: %s", job.id, exc)
+            return Ending(
+                JobStatus.FAILED, ErrorCode.FAILED, f"the image could not be stored ({exc})", timings=watch.ms
+            )
         except Exception as exc:  # a bug must refund too, and leave a trace
             log.exception("job %s failed unexpectedly", job.id)
             return Ending(

@@ -18,10 +18,13 @@ from .cogs.admin import Admin
 from .cogs.budget import Budget
 from .cogs.gallery import Gallery
 from .cogs.generate import Generate
+from .cogs.help import Help
+from .cogs.menus import Menus
+from .cogs.queue import Queue
 from .cogs.results import Results
 from .delivery import Delivery
 from .errors import on_command_error
-from .views import ResultButton
+from .views import GridButton, ResultButton
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,9 @@ def intents() -> discord.Intents:
 class EaselClient(commands.Bot):
     """Slash commands only: no prefix commands, so no message content is read."""
 
-    def __init__(self, app: App, settings: DiscordSettings, *, guild_ready_timeout: float = 2.0):
+    def __init__(self, app: App, settings: DiscordSettings, *, guild_ready_timeout: float = 2.0, **sharding):
         super().__init__(command_prefix=commands.when_mentioned, help_command=None, intents=intents(),
-                         guild_ready_timeout=guild_ready_timeout)
+                         guild_ready_timeout=guild_ready_timeout, **sharding)
         self.app = app
         self.discord_settings = settings
         self.delivery = Delivery(app, settings, self)
@@ -48,10 +51,11 @@ class EaselClient(commands.Bot):
     async def setup_hook(self) -> None:
         await self.app.accounts.load_settings()
         for cog in (Generate(self.delivery), Results(self, self.delivery), Account(self.delivery),
-                    Admin(self.delivery), Budget(self.delivery), Gallery(self.delivery)):
+                    Admin(self.delivery), Budget(self.delivery), Gallery(self.delivery), Queue(self.delivery),
+                    Help(self.delivery), Menus(self, self.delivery)):
             await self.add_cog(cog)
         self.app.metrics.alert_listeners.append(self.delivery.spend_alert_poster(asyncio.get_running_loop()))
-        self.add_dynamic_items(ResultButton)
+        self.add_dynamic_items(ResultButton, GridButton)
         if self.discord_settings.sync_guilds:
             for guild_id in self.discord_settings.sync_guilds:
                 guild = discord.Object(id=int(guild_id))
@@ -62,6 +66,35 @@ class EaselClient(commands.Bot):
 
     async def on_message(self, message: discord.Message) -> None:
         """easel has no prefix commands (and no message content intent)."""
+
+
+class ShardedEaselClient(EaselClient, commands.AutoShardedBot):
+    """Several gateway shards in one process (discord.py's AutoShardedClient): `shard_count`
+    None asks Discord's GET /gateway/bot for its recommended count; `shard_ids` are the shards
+    this process runs (None: all of them)."""
+
+    _max_concurrency: int | None = None
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        # Discord lets max_concurrency shards identify per 5 s (its session_start_limit):
+        # only every max_concurrency-th shard waits, not each one as discord.py's default does.
+        if self._max_concurrency is None:
+            data = await self.http.request(discord.http.Route("GET", "/gateway/bot"))
+            self._max_concurrency = max(1, int((data.get("session_start_limit") or {}).get("max_concurrency", 1)))
+        ids = list(self.shard_ids or range(self.shard_count or 1))
+        position = ids.index(shard_id) if shard_id in ids else 0
+        if not initial and position % self._max_concurrency == 0:
+            await asyncio.sleep(5.0)
+
+
+def make_client(app: App, settings: DiscordSettings, **options) -> EaselClient:
+    """The bot for `discord.shards`: one connection (0), or an AutoShardedClient ("auto", or a
+    count and, to split the guilds between processes, this process's shard_ids)."""
+    if settings.shards == 0:
+        return EaselClient(app, settings, **options)
+    count = None if settings.shards == "auto" else settings.shards
+    return ShardedEaselClient(app, settings, shard_count=count, shard_ids=list(settings.shard_ids) or None,
+                              **options)
 
 
 async def reload_settings(app: App) -> list[str] | None:
@@ -129,7 +162,7 @@ async def serve(settings: Settings, app: App, *, stop: asyncio.Event | None = No
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload_settings(app)))
     except (NotImplementedError, RuntimeError, AttributeError):
         pass
-    client = EaselClient(app, settings.discord)
+    client = make_client(app, settings.discord)
     runner = web.AppRunner(make_http_app(app, discord_ready=lambda: client.is_ready() and not client.is_closed()))
     await runner.setup()
     try:

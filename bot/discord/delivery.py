@@ -14,10 +14,11 @@ import discord
 from ..bootstrap import App
 from ..config import DiscordSettings
 from ..core.gallery import page_link
-from ..core.models import ErrorCode, EventSink, JobEvent, JobOutcome, JobRecord, UserSettings
+from ..core.models import ErrorCode, EventSink, JobEvent, JobOutcome, JobRecord, JobStatus, UserSettings
 from .context import channel_is_nsfw
-from .errors import CANCELLED_BY_RESTART, RESTARTING, refusal_text, tell_privately
-from .views import REACTIONS, progress_text, result_embed, result_view
+from .errors import CANCELLED_BY_RESTART, RESTARTING, refusal_text, tell_privately, wording
+from .grid import grid_png
+from .views import REACTIONS, cancel_view, grid_embed, grid_view, progress_text, result_embed, result_view
 
 log = logging.getLogger(__name__)
 # Interaction tokens last 15 minutes; past this age easel posts to the channel instead.
@@ -34,10 +35,15 @@ def is_expired_token_error(exc: Exception) -> bool:
     return isinstance(exc, discord.NotFound) or getattr(exc, "code", None) in (50027, 10015, 10062)
 
 
-def image_file(job: JobRecord, data: bytes, limit_bytes: int) -> tuple[discord.File, bool]:
-    """The image as an attachment within `limit_bytes`: the PNG itself, or a JPEG of it (then
-    True: the embed links to the full image on easel's server)."""
-    name = f"SPOILER_easel-{job.id}" if job.spoiler else f"easel-{job.id}"  # Discord blurs SPOILER_ files
+CANCELLED = wording(ErrorCode.CANCELLED, None)
+
+
+def image_file(job: JobRecord, data: bytes, limit_bytes: int, *, stem: str | None = None,
+               spoiler: bool | None = None) -> tuple[discord.File, bool]:
+    """The image as an attachment within `limit_bytes` (the interaction's own upload limit): the
+    PNG itself, or a JPEG of it (then True: the embed links to the full image on easel's server)."""
+    stem = stem or f"easel-{job.id}"
+    name = f"SPOILER_{stem}" if (job.spoiler if spoiler is None else spoiler) else stem  # Discord blurs these
     if len(data) <= limit_bytes:
         return discord.File(io.BytesIO(data), filename=f"{name}.png"), False
     from PIL import Image
@@ -58,15 +64,21 @@ class ProgressMessage:
     A step preview is shown only if `preview_allowed` (the image screen) passes it."""
 
     def __init__(self, edit: Callable[..., Awaitable[object]], interval_s: float,
-                 preview_allowed: Callable[[bytes], Awaitable[bool]] | None = None):
+                 preview_allowed: Callable[[bytes], Awaitable[bool]] | None = None,
+                 on_job: Callable[[int], None] | None = None):
         self._edit, self._interval = edit, interval_s
         self._preview_allowed = preview_allowed
+        self._on_job = on_job  # told the job id once, then the message gets a Cancel button
+        self.job_id: int | None = None
         self._latest: JobEvent | None = None
         self._changed = asyncio.Event()
         self._last_edit = 0.0
         self._task: asyncio.Task | None = None
 
     def on_event(self, event: JobEvent) -> None:
+        if self.job_id is None and self._on_job is not None:
+            self.job_id = event.job_id
+            self._on_job(event.job_id)
         self._latest = event
         self._changed.set()
         if self._task is None:
@@ -81,7 +93,9 @@ class ProgressMessage:
             self._changed.clear()
             event = self._latest
             assert event is not None
-            kwargs: dict = {"content": progress_text(event.state, event.position, event.fraction)}
+            kwargs: dict = {"content": progress_text(event.state, event.position, event.fraction, event.eta_s)}
+            if self._on_job is not None:
+                kwargs["view"] = cancel_view(event.job_id)
             if event.preview and self._preview_allowed is not None:
                 if await self._preview_allowed(event.preview):
                     kwargs["attachments"] = [discord.File(io.BytesIO(event.preview), filename="preview.png")]
@@ -111,6 +125,39 @@ class Delivery:
         self.accepting = True
         self._tasks: set[asyncio.Task] = set()
         self._noted: dict[int, float] = {}  # the cool-down each member's admin note was for
+        self._runs: dict[int, asyncio.Task] = {}  # a job's id -> the task delivering it (to cancel)
+        self._cancelled: set[asyncio.Task] = set()  # tasks a member cancelled
+
+    def _watch(self) -> Callable[[int], None]:
+        """Remember which task delivers a job, so that its Cancel button can stop it."""
+        task = asyncio.current_task()
+        assert task is not None
+
+        def seen(job_id: int) -> None:
+            self._runs[job_id] = task
+            task.add_done_callback(lambda _: self._runs.pop(job_id, None))
+
+        return seen
+
+    def cancel(self, job_id: int) -> bool:
+        """Stop delivering a job (and the request it is part of): the service refunds it. True if
+        it was in flight."""
+        task = self._runs.get(job_id)
+        if task is None or task.done():
+            return False
+        self._cancelled.add(task)
+        task.add_done_callback(self._cancelled.discard)
+        task.cancel()
+        return True
+
+    def _member_cancelled(self) -> bool:
+        """In an except CancelledError: True (and the cancellation undone) when a member's Cancel
+        did it, rather than a shutdown."""
+        task = asyncio.current_task()
+        if task not in self._cancelled:
+            return False
+        task.uncancel()  # type: ignore[union-attr]
+        return True
 
     # ---- lifetime -----------------------------------------------------------------------------
 
@@ -160,26 +207,33 @@ class Delivery:
     # ---- for an interaction -------------------------------------------------------------------
 
     async def for_interaction(self, interaction: discord.Interaction, run: Run, *, private: bool,
-                              started: float) -> list[JobOutcome]:
-        """`run(on_event)` makes the outcomes: one service call."""
+                              started: float, grid: bool = False) -> list[JobOutcome]:
+        """`run(on_event)` makes the outcomes: one service call; with `grid`, the images it made
+        go out as one grid."""
         self._track()
         progress = ProgressMessage(interaction.edit_original_response, self.settings.progress_interval_s,
-                                   self._preview_screen(channel_is_nsfw(interaction.channel)))
+                                   self._preview_screen(channel_is_nsfw(interaction.channel)), self._watch())
         try:
             outcomes = await run(progress.on_event)
-        except asyncio.CancelledError:  # shutdown ran out of grace: the service refunded the job
+        except asyncio.CancelledError:  # a member's Cancel, or shutdown out of grace: refunded
             await progress.stop()
+            mine = self._member_cancelled()
             try:
-                await interaction.edit_original_response(content=CANCELLED_BY_RESTART, attachments=[])
+                await interaction.edit_original_response(content=CANCELLED if mine else CANCELLED_BY_RESTART,
+                                                         attachments=[], view=None)
             except discord.HTTPException:
                 pass
+            if mine:
+                return []
             raise
         await progress.stop()
-        delivered = 0
-        for outcome in outcomes:
-            if outcome.ok:
-                await self._deliver(interaction, outcome, started, private=private, first=delivered == 0)
-                delivered += 1
+        made = [o for o in outcomes if o.ok]
+        if grid and len(made) > 1:
+            await self._deliver_grid(interaction, made, started, private=private)
+        else:
+            for i, outcome in enumerate(made):
+                await self._deliver(interaction, outcome, started, private=private, first=i == 0)
+        delivered = len(made)
         refusals = [o for o in outcomes if not o.ok]
         if any(o.error_code == ErrorCode.BLOCKED for o in refusals):
             await self._note_cooldown(interaction.user.id)
@@ -270,9 +324,35 @@ class Delivery:
                             inline=False)
         return file, embed, result_view(job, can_enhance=self.app.service.enhancer.available)
 
+    async def _deliver_grid(self, interaction: discord.Interaction, outcomes: list[JobOutcome], started: float,
+                            *, private: bool) -> None:
+        """The images of one request in one message: a grid, with U and V buttons for each."""
+        jobs = await self.app.results.fresh([o.job for o in outcomes if o.job is not None])
+        images = [await self.app.results.image(j) for j in jobs]
+        sheet = await asyncio.to_thread(grid_png, images)
+        file, _ = await asyncio.to_thread(image_file, jobs[0], sheet, interaction.filesize_limit,
+                                          stem=f"easel-grid-{jobs[0].id}", spoiler=any(j.spoiler for j in jobs))
+        embed = grid_embed(jobs, outcomes[-1].balance_usd, file.filename)
+        message = await self._post(interaction, outcomes[0], started, file, embed, grid_view(jobs),
+                                   private=private, first=True)
+        for job in jobs:
+            await self.app.results.delivered(job.id, str(message.id) if message else None, public=not private)
+
     async def _deliver(self, interaction: discord.Interaction, outcome: JobOutcome, started: float,
                        *, private: bool, first: bool) -> None:
         file, embed, view = await self._result_parts(outcome, interaction.filesize_limit, private=private)
+        message = await self._post(interaction, outcome, started, file, embed, view, private=private, first=first)
+        if message is None:
+            return
+        await self.app.results.delivered(outcome.job.id, str(message.id), public=not private)  # type: ignore[union-attr]
+        if not private:
+            await self._add_reactions(message)
+
+    async def _post(self, interaction: discord.Interaction, outcome: JobOutcome, started: float,
+                    file: discord.File, embed: discord.Embed, view: discord.ui.View, *, private: bool,
+                    first: bool) -> discord.Message | None:
+        """The result as the interaction's answer; once its token has expired, in the channel (or
+        a direct message, for a private one). None: it could only be announced."""
         message = None
         if not token_expired(started):
             try:
@@ -292,17 +372,15 @@ class Delivery:
             # The token has expired and the member wants privacy: a direct message, else a word
             # in the channel without the image.
             try:
-                message = await user.send(embed=embed, file=file, view=view)
+                return await user.send(embed=embed, file=file, view=view)
             except discord.HTTPException:
                 await channel.send(f"<@{user.id}> your private result (job {outcome.job.id}) is ready, "  # type: ignore[union-attr]
                                    f"but I cannot send you direct messages: see /usage", allowed_mentions=mention)
-                return
+                return None
         if message is None:  # the interaction token has expired: a normal message that mentions the member
             message = await channel.send(content=f"<@{user.id}> your image is ready", embed=embed,  # type: ignore[union-attr]
                                          file=file, view=view, allowed_mentions=mention)
-        await self.app.results.delivered(outcome.job.id, str(message.id), public=not private)
-        if not private:
-            await self._add_reactions(message)
+        return message
 
     async def _add_reactions(self, message) -> None:
         for emoji in REACTIONS:
@@ -320,11 +398,19 @@ class Delivery:
         reference = discord.MessageReference(message_id=reply_to, channel_id=channel.id, fail_if_not_exists=False)
         status = await channel.send(f"<@{user_id}> \u23f3 working on it\u2026", allowed_mentions=mention,
                                     reference=reference)
-        progress = ProgressMessage(status.edit, self.settings.progress_interval_s, self._preview_screen(nsfw))
-        (outcome,) = await run(progress.on_event)
+        progress = ProgressMessage(status.edit, self.settings.progress_interval_s, self._preview_screen(nsfw),
+                                   self._watch())
+        try:
+            (outcome,) = await run(progress.on_event)
+        except asyncio.CancelledError:
+            await progress.stop()
+            if not self._member_cancelled():
+                raise
+            await status.edit(content=f"<@{user_id}> {CANCELLED}", view=None, delete_after=120)
+            return JobOutcome(status=JobStatus.CANCELLED, error_code=ErrorCode.CANCELLED)
         await progress.stop()
         if not outcome.ok:
-            await status.edit(content=f"<@{user_id}> {refusal_text(outcome)}", delete_after=120)
+            await status.edit(content=f"<@{user_id}> {refusal_text(outcome)}", view=None, delete_after=120)
             return outcome
         limit = getattr(getattr(channel, "guild", None), "filesize_limit", 10 * 1024 * 1024)
         file, embed, view = await self._result_parts(outcome, limit)

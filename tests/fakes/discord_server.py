@@ -96,6 +96,8 @@ BOT_PERMISSIONS = MEMBER_PERMISSIONS | Permission.MANAGE_MESSAGES
 # Interaction types and interaction callback types, as numbered by Discord.
 APPLICATION_COMMAND = 2
 MESSAGE_COMPONENT = 3
+MODAL_SUBMIT = 5
+MESSAGE_COMMAND = 3  # an application command's type: a message context menu
 CHANNEL_MESSAGE = 4
 DEFERRED_CHANNEL_MESSAGE = 5
 DEFERRED_UPDATE_MESSAGE = 6
@@ -110,6 +112,8 @@ _CALLBACKS_ALLOWED = {
         UPDATE_MESSAGE,
         MODAL,
     },
+    # A modal's submit cannot open another modal.
+    MODAL_SUBMIT: {CHANNEL_MESSAGE, DEFERRED_CHANNEL_MESSAGE, DEFERRED_UPDATE_MESSAGE, UPDATE_MESSAGE},
 }
 
 # Message flags.
@@ -124,6 +128,7 @@ _INTERACTION_FLAGS = _SETTABLE_FLAGS | EPHEMERAL  # only interaction responses m
 # Message types.
 DEFAULT_MESSAGE = 0
 CHAT_INPUT_COMMAND_MESSAGE = 20
+CONTEXT_MENU_COMMAND_MESSAGE = 23
 
 # Application command option types.
 SUB_COMMAND, SUB_COMMAND_GROUP = 1, 2
@@ -610,6 +615,12 @@ class FakeDiscord:
         self.port: int | None = None
         self.identify_payload: dict[str, Any] | None = None  # the last IDENTIFY, token removed
         self.gateway_close_codes: list[int] = []
+        # Sharding: what GET /gateway/bot recommends, and a sharded bot's sessions by shard id.
+        self.recommended_shards = 1
+        self.max_concurrency = 1
+        self.shard_sessions: dict[int, _GatewaySession] = {}
+        self.identified_shards: list[list[int]] = []  # the [shard_id, shard_count] of each sharded IDENTIFY
+        self._shard_count = 1
 
         self._counter = itertools.count()
         self.users: dict[int, FakeUser] = {}
@@ -802,11 +813,16 @@ class FakeDiscord:
         content: str = "",
         embeds: list[dict[str, Any]] | None = None,
         components: list[dict[str, Any]] | None = None,
+        files: list[tuple[str, bytes, str | None]] | None = None,
     ) -> StoredMessage:
-        """Seed a message, e.g. one the bot posted before a restart.
+        """Seed a message, e.g. one the bot posted before a restart, or a member's post with
+        ``files`` ((filename, bytes, content type) each, served like any attachment).
 
         Dispatches MESSAGE_CREATE if a bot is connected (and subscribed to guild messages).
         """
+        attachments = [self._new_attachment(name, data, kind) for name, data, kind in files or []]
+        for attachment in attachments:
+            self._attachments[attachment.id] = attachment
         message = StoredMessage(
             self._snowflake(),
             channel.id,
@@ -815,6 +831,7 @@ class FakeDiscord:
             content=content,
             embeds=list(embeds or []),
             components=list(components or []),
+            attachments=attachments,
         )
         self._messages[message.id] = message
         await self._dispatch_message_event("MESSAGE_CREATE", message)
@@ -958,6 +975,56 @@ class FakeDiscord:
             MESSAGE_COMPONENT, data, user or self.user, channel, locale=locale, message=message
         )
 
+    async def send_message_command(
+        self, name: str, message_id: int, *, user: FakeUser | None = None, locale: str = "en-US"
+    ) -> FakeInteraction:
+        """A message context menu (right-click > Apps > ``name``) used on a stored message: an
+        application command of type 3 with ``target_id`` and the message in ``resolved``."""
+        self._require_session()
+        message = self.message(message_id)
+        channel = self.guilds[message.guild_id].channels[message.channel_id]
+        command = self._registered_command(name, channel.guild_id, kind=MESSAGE_COMMAND)
+        data: dict[str, Any] = {
+            "id": command["id"],
+            "name": command["name"],
+            "type": MESSAGE_COMMAND,
+            "target_id": str(message.id),
+            "resolved": {"messages": {str(message.id): self._message_payload(message)}},
+        }
+        if "guild_id" in command:
+            data["guild_id"] = command["guild_id"]
+        return await self._send_interaction(APPLICATION_COMMAND, data, user or self.user, channel, locale=locale)
+
+    async def send_modal_submit(
+        self, opened_by: FakeInteraction, values: Mapping[str, str], *, locale: str = "en-US"
+    ) -> FakeInteraction:
+        """The member submits the modal that ``opened_by`` answered with (a type 9 callback):
+        ``values`` by text input custom_id; inputs not given keep their prefilled value."""
+        self._require_session()
+        modal = opened_by.modal
+        if modal is None:
+            raise LookupError(f"interaction {opened_by.id} did not open a modal")
+        rows = []
+        for row in modal["components"]:
+            inputs = row.get("components") or ([row["component"]] if "component" in row else [])
+            for item in inputs:
+                if item.get("type") != 4:
+                    continue
+                value = values.get(item["custom_id"], item.get("value", ""))
+                if item.get("required", True) and not value:
+                    raise ValueError(f"the text input {item['custom_id']!r} is required")
+                if not item.get("min_length", 0) <= len(value) <= item.get("max_length", 4000):
+                    raise ValueError(f"the text input {item['custom_id']!r} is out of its length limits")
+                rows.append({"type": 1, "components": [{"type": 4, "custom_id": item["custom_id"], "value": value}]})
+        if unknown := sorted(set(values) - {r["components"][0]["custom_id"] for r in rows}):
+            raise ValueError(f"the modal has no text inputs {unknown}")
+        data = {"custom_id": modal["custom_id"], "components": rows}
+        channel = self._channel(opened_by.channel_id)
+        message = self.message(opened_by.component_message_id) if opened_by.component_message_id else None
+        return await self._send_interaction(
+            MODAL_SUBMIT, data, opened_by.user, channel, locale=locale, message=message
+        )
+
     async def add_reaction(self, message_id: int, emoji: str, *, user: FakeUser | None = None) -> None:
         """``user`` (default alice) reacts: MESSAGE_REACTION_ADD, with the member as Discord sends it."""
         self._require_session()
@@ -970,10 +1037,10 @@ class FakeDiscord:
             reacted.append(user.id)
             await self._dispatch_reaction_add(message, user, emoji)
 
-    def _registered_command(self, name: str, guild_id: int) -> dict[str, Any]:
+    def _registered_command(self, name: str, guild_id: int, *, kind: int = 1) -> dict[str, Any]:
         for scope in (guild_id, None):
             for command in self._commands.get(scope, []):
-                if command["name"] == name and command["type"] == 1:
+                if command["name"] == name and command["type"] == kind:
                     return command
         scopes = (guild_id, None)
         registered = sorted(c["name"] for scope in scopes for c in self._commands.get(scope, []))
@@ -1145,6 +1212,9 @@ class FakeDiscord:
             if self._session is not None and self._session.ws is ws:
                 self._session = None
                 self._ready.clear()
+            for shard_id, shard_session in list(self.shard_sessions.items()):
+                if shard_session.ws is ws:
+                    del self.shard_sessions[shard_id]
             self.gateway_close_codes.append(ws.close_code or 1006)
             self._gateway_closed.set()
         return ws
@@ -1159,16 +1229,26 @@ class FakeDiscord:
         if not isinstance(data.get("intents"), int):
             await ws.close(code=4013, message=b"Invalid intent(s).")
             return
+        shard = data.get("shard")
+        if shard is not None and not (isinstance(shard, list) and len(shard) == 2 and 0 <= shard[0] < shard[1]):
+            await ws.close(code=4010, message=b"Invalid shard.")
+            return
         self.identify_payload = {key: value for key, value in data.items() if key != "token"}
         self._gateway_closed.clear()
         session = _GatewaySession(ws, uuid.uuid4().hex, data["intents"])
         self._session = session
+        guilds = list(self.guilds.values())
+        if shard is not None:  # only the guilds of this shard
+            self.identified_shards.append(list(shard))
+            self.shard_sessions[shard[0]] = session
+            self._shard_count = shard[1]
+            guilds = [g for g in guilds if self.shard_of(g.id, shard[1]) == shard[0]]
         await self._dispatch(
             "READY",
             {
                 "v": 10,
                 "user": {**self.bot_user.payload(), "verified": True, "mfa_enabled": False, "flags": 0},
-                "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in self.guilds],
+                "guilds": [{"id": str(guild.id), "unavailable": True} for guild in guilds],
                 "session_id": session.session_id,
                 "session_type": "normal",
                 "resume_gateway_url": self.gateway_url,
@@ -1181,10 +1261,11 @@ class FakeDiscord:
                 "auth": {},
                 "user_settings": {},
                 "_trace": ["fake-discord"],
+                **({"shard": shard} if shard is not None else {}),
             },
             intent=None,
         )
-        for guild in self.guilds.values():
+        for guild in guilds:
             members = guild.members if session.intents & Intent.GUILD_MEMBERS else [self.bot_user.id]
             await self._dispatch(
                 "GUILD_CREATE",
@@ -1211,6 +1292,8 @@ class FakeDiscord:
     async def _dispatch(self, event: str, data: dict[str, Any], *, intent: Intent | None) -> bool:
         """Send a dispatch (op 0) if a bot is connected and subscribed to ``intent``; True if sent."""
         session = self._session
+        if self.shard_sessions and data.get("guild_id") is not None:  # to the guild's shard
+            session = self.shard_sessions.get(self.shard_of(int(data["guild_id"]), self._shard_count), session)
         if session is None or session.ws.closed or (intent is not None and not session.intents & intent):
             return False
         async with session.lock:  # sequence numbers go out in order
@@ -1337,8 +1420,14 @@ class FakeDiscord:
 
     async def _get_bot_gateway(self, request: web.Request) -> web.Response:
         """Where to connect: what a bot asks when it is given only the REST base."""
-        limit = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1}
-        return _json_response({"url": self.gateway_url, "shards": 1, "session_start_limit": limit})
+        limit = {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": self.max_concurrency}
+        return _json_response({"url": self.gateway_url, "shards": self.recommended_shards,
+                               "session_start_limit": limit})
+
+    @staticmethod
+    def shard_of(guild_id: int, shard_count: int) -> int:
+        """The shard that carries a guild's events: (guild_id >> 22) % shard_count, as Discord's."""
+        return (guild_id >> 22) % shard_count
 
     async def _get_application(self, request: web.Request) -> web.Response:
         return _json_response(
@@ -1802,9 +1891,10 @@ class FakeDiscord:
                 "authorizing_integration_owners": {"0": str(channel.guild_id)},
             }
             if interaction.type == APPLICATION_COMMAND:
-                message.type = CHAT_INPUT_COMMAND_MESSAGE
-                metadata.update(name=interaction.payload["data"]["name"], command_type=1)
-            else:
+                command_type = interaction.payload["data"]["type"]
+                message.type = CHAT_INPUT_COMMAND_MESSAGE if command_type == 1 else CONTEXT_MENU_COMMAND_MESSAGE
+                metadata.update(name=interaction.payload["data"]["name"], command_type=command_type)
+            elif interaction.component_message_id is not None:  # a modal from a command has none
                 metadata["interacted_message_id"] = str(interaction.component_message_id)
             message.interaction_metadata = metadata
         self._messages[message.id] = message

@@ -36,22 +36,24 @@ class Account(commands.Cog):
                       f"{discord.utils.escape_markdown(j.prompt[:60])}" for j in m.recent]
         await interaction.response.send_message("\n".join(lines), ephemeral=True)
 
-    @app_commands.command(name="settings", description="Your defaults: model, aspect, private results")
+    @app_commands.command(name="settings", description="Your defaults: model, aspect, private results, remix")
     @app_commands.describe(model="a model, or 'default'", aspect="like 16:9, or 'default'",
-                           private="only you see your results", enhance="expand every prompt with a chat model")
+                           private="only you see your results", enhance="expand every prompt with a chat model",
+                           remix="vary and reroll let you edit the prompt first")
     @app_commands.autocomplete(model=model_autocomplete)
     async def settings_command(self, interaction: discord.Interaction, model: str | None = None,
                                aspect: str | None = None, private: bool | None = None,
-                               enhance: bool | None = None) -> None:
+                               enhance: bool | None = None, remix: bool | None = None) -> None:
         if enhance and not self.app.service.enhancer.available:
             raise Refused(NOT_SET_UP)
         try:
             updated = await self.app.accounts.change_settings(
-                str(interaction.user.id), model=model, aspect=aspect, private=private, enhance=enhance)
+                str(interaction.user.id), model=model, aspect=aspect, private=private, enhance=enhance, remix=remix)
         except Refusal as exc:
             raise Refused(str(exc), exc.code) from None
         await interaction.response.send_message(
             f"Your defaults: model **{updated.model or 'server default'}**, aspect "
             f"**{updated.aspect or 'model default'}**, results **{'private' if updated.private else 'public'}**"
-            + (", prompts **enhanced**." if updated.enhance else "."),
+            + (", prompts **enhanced**" if updated.enhance else "") + (", remix **on**." if updated.remix else "."),
             ephemeral=True)
+

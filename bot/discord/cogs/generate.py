@@ -64,7 +64,8 @@ class Generate(commands.Cog):
         async def run(on_event):
             return await self.app.service.imagine(request, count, on_event)
 
-        outcomes = await self.delivery.for_interaction(interaction, run, private=prefs.private, started=started)
+        outcomes = await self.delivery.for_interaction(interaction, run, private=prefs.private, started=started,
+                                                       grid=count > 1)
         await self.delivery.advise(interaction, outcomes)
 
     @app_commands.command(description="Repaint an image from a prompt (where the mask is white)")
