@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 TINY_SEED = 0
+TINY_MARKER = "easel-tiny.txt"  # marks a folder as the tiny model
 CLIP_MAX_TOKENS = 77  # the tokenizer's default max length is effectively infinite: OverflowError
 
 
@@ -122,6 +123,8 @@ def build_tiny_pipeline(path: Path) -> None:
         )
         model_dir = work / "model"
         pipe.save_pretrained(model_dir)
+        # Read by generators.local_models: the tiny model's defaults are few steps, no guidance.
+        (model_dir / TINY_MARKER).write_text("built by easel's generators/tiny.py\n", encoding="utf-8")
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}-old-", dir=path.parent))
             path.rename(old / "model")
