@@ -582,14 +582,19 @@ def _models(settings, args) -> int:
     from .bootstrap import build_generators, build_router
     from .core.models import KINDS
 
-    router = build_router(settings, build_generators(settings))
+    generators = build_generators(settings)
+    router = build_router(settings, generators)
+    loaded = {name: where for g in generators for name, where in getattr(g, "loaded", dict)().items()}
     for spec in sorted(router.models(), key=lambda s: (s.provider, s.name)):
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
         kinds = ", ".join(k for k in KINDS if k in spec.kinds)
         seed = "seeded" if spec.honours_seed else "no seed"
         options = "".join(f"; {k}: {'|'.join(v)}" for k, v in spec.options.items())
+        control = "".join(f"; {what}: {', '.join(names)}" for what, names in
+                          (("loras", spec.loras), ("controlnets", spec.controlnets)) if names)
+        state = f"  [{loaded[spec.name]}]" if spec.name in loaded else ""
         default = "  [default]" if spec.name == settings.generation.default_model else ""
-        print(f"{spec.name:<24} {spec.provider:<10} {kinds}; {seed}{options}{aliases}{default}")
+        print(f"{spec.name:<24} {spec.provider:<10} {kinds}; {seed}{options}{control}{aliases}{state}{default}")
     for provider, reason in router.unavailable().items():
         print(f"{provider}: unavailable: {reason}")
     return EXIT_OK

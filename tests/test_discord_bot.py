@@ -122,7 +122,9 @@ async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
 
     imagine = {o["name"]: o for o in commands["imagine"]["options"]}
     assert list(imagine) == ["prompt", "negative", "seed", "model", "aspect", "quality", "sampler", "count",
-                             "enhance"]
+                             "enhance", "lora", "control", "control_image", "control_scale"]
+    assert imagine["lora"].get("autocomplete") is True and imagine["control"].get("autocomplete") is True
+    assert imagine["control_image"]["type"] == 11  # an attachment
     assert imagine["enhance"]["type"] == 5  # a boolean
     assert imagine["sampler"].get("autocomplete") is True
     assert imagine["prompt"]["required"] is True
@@ -1317,3 +1319,18 @@ async def test_spend_alerts_reach_the_admin_channel_once_per_threshold(fake, mak
     assert "daily spending cap of $0.0200 is reached. It lifts <t:" in text, text
     await asyncio.sleep(0.3)
     assert len(alerts()) == 2
+
+
+async def test_imagine_takes_loras_and_a_controlnet_with_its_image(fake, make_bot):
+    bot = await make_bot(generator=PreparedGenerator(loras=("watercolor", "ink"), controlnets=("canny",)))
+    edges = fake.add_attachment("edges.png", png_bytes(128, 128, seed=4), "image/png")
+    await imagine_result(bot, {"prompt": "a heron", "lora": "watercolor:0.7, ink", "control": "canny",
+                               "control_image": edges, "control_scale": 0.6})
+    [call] = bot.generator.calls
+    assert dict(call.params.options) == {"lora": "watercolor:0.7, ink", "control": "canny", "control_scale": "0.6"}
+    assert decoded(call.control_image).size == (128, 128) and call.source_image is None
+    [job] = bot.jobs()
+    assert job.options["lora"] == "watercolor:0.7, ink" and job.source_sha256  # the control image is kept
+    refused = await fake.send_slash_command("imagine", {"prompt": "a heron", "lora": "oils"})
+    text = await refusal_of(fake, refused)
+    assert "oils" in text and len(bot.generator.calls) == 1 and bot.held() == []

@@ -117,6 +117,8 @@ class Records:
         kept = {}
         if (request.image is not None or plan.outpaint) and plan.request.source_image is not None:
             kept["source_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.source_image)).key
+        elif plan.request.control_image is not None:  # what a ControlNet followed: the job's input
+            kept["source_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.control_image)).key
         if plan.request.mask_image is not None:
             kept["mask_sha256"] = (await asyncio.to_thread(self.blobs.put, plan.request.mask_image)).key
         if kept:
@@ -157,8 +159,8 @@ class Records:
         params = job.params.but(seed=None)
         source = self.blobs.get(job.source_sha256) if job.source_sha256 else None
         mask = self.blobs.get(job.mask_sha256) if job.mask_sha256 else None
-        if job.kind == Kind.IMAGINE:
-            return JobRequest(Kind.IMAGINE, requester, params)
+        if job.kind == Kind.IMAGINE:  # with the image its ControlNet followed, if it had one
+            return JobRequest(Kind.IMAGINE, requester, params, image=source)
         if job.outpaint and job.source_job_id is not None:  # the same source, extended again
             return JobRequest(
                 Kind.EDIT,

@@ -40,6 +40,8 @@ class PreparedGenerator:
     honours_seed: bool = True
     kinds: tuple[str, ...] = ("imagine", "variation", "edit", "upscale")
     aliases: tuple[str, ...] | None = None  # default: (model + "-alias",)
+    loras: tuple[str, ...] = ()  # LoRA and ControlNet names the model takes
+    controlnets: tuple[str, ...] = ()
     script: list = field(default_factory=list)
     calls: list[GenerationRequest] = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
@@ -47,7 +49,8 @@ class PreparedGenerator:
     def models(self) -> list[ModelSpec]:
         aliases = self.aliases if self.aliases is not None else (f"{self.model}-alias",)
         return [ModelSpec(name=self.model, provider=self.provider, kinds=frozenset(self.kinds),
-                          honours_seed=self.honours_seed, aliases=aliases)]
+                          honours_seed=self.honours_seed, aliases=aliases, loras=self.loras,
+                          controlnets=self.controlnets)]
 
     def unavailable_reason(self) -> str | None:
         return None

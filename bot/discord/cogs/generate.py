@@ -28,6 +28,24 @@ async def sampler_autocomplete(interaction: discord.Interaction, current: str) -
     return [app_commands.Choice(name=v, value=v) for v in values if current.lower() in v][:25]
 
 
+async def lora_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """The LoRAs of the chosen model (else of every usable one), 25 at a time, completing the last
+    of a comma-separated list ("style-a:0.8, sty" -> "style-a:0.8, style-b")."""
+    models = interaction.client.app.router.healthy_models()  # type: ignore[attr-defined]
+    chosen = getattr(interaction.namespace, "model", None)
+    names = sorted({n for s in models if not chosen or chosen in (s.name, *s.aliases) for n in s.loras})
+    done, _, last = current.rpartition(",")
+    prefix = f"{done}, " if done else ""
+    return [app_commands.Choice(name=(prefix + n)[:100], value=(prefix + n)[:100])
+            for n in names if last.strip().lower() in n.lower()][:25]
+
+
+async def control_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    models = interaction.client.app.router.healthy_models()  # type: ignore[attr-defined]
+    names = sorted({n for s in models for n in s.controlnets})
+    return [app_commands.Choice(name=n, value=n) for n in names if current.lower() in n.lower()][:25]
+
+
 class Generate(commands.Cog):
     def __init__(self, delivery: Delivery):
         self.delivery = delivery
@@ -37,29 +55,39 @@ class Generate(commands.Cog):
     @app_commands.describe(prompt="what to draw", negative="what to keep out", seed="for a reproducible image",
                            model="which model", aspect="width:height", quality="for models that have it",
                            sampler="the sampler, for models that take one (local models)",
-                           count="how many images", enhance="let a chat model expand the prompt first")
-    @app_commands.autocomplete(model=model_autocomplete, sampler=sampler_autocomplete)
+                           count="how many images", enhance="let a chat model expand the prompt first",
+                           lora="LoRA styles, NAME[:WEIGHT] separated by commas (up to 3; local models)",
+                           control="a ControlNet (canny, depth...) that follows control_image",
+                           control_image="the image the ControlNet follows",
+                           control_scale="how strongly it follows it (0-2)")
+    @app_commands.autocomplete(model=model_autocomplete, sampler=sampler_autocomplete, lora=lora_autocomplete,
+                               control=control_autocomplete)
     @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS],
                           quality=[app_commands.Choice(name=q, value=q) for q in QUALITIES])
     async def imagine(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 4000],
                       negative: str | None = None, seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
                       model: str | None = None, aspect: str | None = None, quality: str | None = None,
                       sampler: str | None = None, count: app_commands.Range[int, 1, 4] = 1,
-                      enhance: bool | None = None) -> None:
+                      enhance: bool | None = None, lora: str | None = None, control: str | None = None,
+                      control_image: discord.Attachment | None = None,
+                      control_scale: app_commands.Range[float, 0.0, 2.0] | None = None) -> None:
         begun = await self.delivery.begin(interaction)
         if begun is None:
             return
         prefs, started = begun
         if count > self.settings.max_count:
             raise Refused(f"at most {self.settings.max_count} images at once")
-        options = {k: v for k, v in {"quality": quality, "sampler": sampler}.items() if v}
+        scale = None if control_scale is None else f"{control_scale:g}"
+        options = {k: v for k, v in {"quality": quality, "sampler": sampler, "lora": lora, "control": control,
+                                     "control_scale": scale}.items() if v}
         try:
             ratio = parse_aspect(aspect) if aspect else None
         except FlagError as exc:
             raise Refused(str(exc)) from None
         params = GenerationParams(prompt=prompt, negative_prompt=negative, seed=seed, model=model, options=options)
         request = JobRequest(Kind.IMAGINE, of_interaction(interaction), params, defaults=prefs,
-                             aspect=ratio, group=f"interaction:{interaction.id}", enhance=enhance)
+                             aspect=ratio, group=f"interaction:{interaction.id}", enhance=enhance,
+                             image=await self._read(control_image, "control image"))
 
         async def run(on_event):
             return await self.app.service.imagine(request, count, on_event)
