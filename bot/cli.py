@@ -789,7 +789,8 @@ def _doctor_generators(settings):
             models = sorted(s.name for s in built[name].models())
             out.append((OK, label, f"usable: {len(models)} model{'s' * (len(models) != 1)} ({', '.join(models)}){key}", ""))
         elif key_env is None:  # a self-hosted server's generator (ComfyUI, A1111) with no servers listed
-            out.append((SKIP, label, f"not set up (list generators.{name}.servers to use it)", ""))
+            hint = getattr(section, "setup_hint", f"list generators.{name}.servers to use it")
+            out.append((SKIP, label, f"not set up ({hint})", ""))
         elif name in in_file:  # set up in the settings, but its key is not in the environment
             out.append((FAIL, label, f"enabled in the settings, but ${key_env} is not set",
                         f"put {key_env}=<key> in the environment (for systemd: /etc/easel/env), "

@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, ClassVar, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -531,6 +531,7 @@ class ClusterSettings(_Section):
     here maps easel model names to those deployed models. Off until an address and models are set."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    setup_hint: ClassVar[str] = "set generators.cluster.address and [generators.cluster.models] to use it"
 
     enabled: Bool = True
     # "local": a Ray instance started inside easel on this machine's CPUs (for trying it out);

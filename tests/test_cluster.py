@@ -234,3 +234,23 @@ async def test_a_replica_killed_mid_job_is_retried_once_on_the_other(gen):
     assert (result.model, result.seed) == (MODEL, 5)
     now = await asyncio.to_thread(_replicas)
     assert running[0] not in now
+
+
+async def test_a_job_through_the_whole_app_runs_on_the_pool_and_is_charged_once(pool, tmp_path):
+    from moderation import NoImageScreen
+    from tests.helpers import job_request, start_app
+
+    data = pool.model_dump()
+    data["storage"] = {"database": str(tmp_path / "easel.db"), "images_dir": str(tmp_path / "images")}
+    data["generation"] = {"default_model": MODEL}
+    app = start_app(settings_from_dict(data), image_screen=NoImageScreen())
+    try:
+        out = await app.service.submit(job_request("imagine", "u1", "a lighthouse --seed 7", size=(64, 64), steps=2))
+        assert out.ok, out.error
+        assert (out.job.model, out.job.provider, out.job.seed) == (MODEL, "cluster", 7)
+        charges = app.db.query("SELECT COUNT(*), SUM(-amount_micros) FROM ledger_entries WHERE kind = 'settle'"
+                               " AND job_id = ?", (out.job.id,))[0]
+        assert charges[0] == 1 and charges[1] == out.job.cost_micros
+        assert app.ledger.balance("u1").reserved_micros == 0
+    finally:
+        await app.close()

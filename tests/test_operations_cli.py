@@ -152,7 +152,7 @@ def test_doctor_names_each_problem_and_its_fix(tmp_path):
     failed = [line for line in checks.values() if line.startswith("FAIL")]
     assert len(failed) == 4 and all("; fix: " in line for line in failed)
     assert result.stdout.splitlines()[-1] == (
-        "doctor: 4 of 15 checks failed: database, generator openai, discord token, public URL")
+        "doctor: 4 of 16 checks failed: database, generator openai, discord token, public URL")
     assert secret not in result.stdout + result.stderr
 
     shown = run(ws, "doctor", terminal=True, REPLICATE_API_TOKEN=secret)
