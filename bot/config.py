@@ -302,6 +302,9 @@ class LocalGeneratorSettings(_Section):
     # (the jobs let into the generator at once) defaults to it.
     batch_size: Annotated[Int, _rule(lambda v: 1 <= v <= 16, "must be 1-16")] = 1
     batch_window_ms: Annotated[Int, _rule(lambda v: 0 <= v <= 5000, "must be 0-5000")] = 50
+    # With batch_size above 1: batch-invariant kernels, so a batched image is bit-identical to its
+    # solo run (a lone image without guidance then costs about half as much again).
+    batch_exact: Bool = True
     cpu_offload: Bool = False
     vae_tiling: Bool = False
     vae_slicing: Bool = False
@@ -343,7 +346,8 @@ class LocalGeneratorSettings(_Section):
             "device_options": device,
         }
         if self.batch_size > 1:
-            kwargs |= {"batch_size": self.batch_size, "batch_window_s": self.batch_window_ms / 1000}
+            kwargs |= {"batch_size": self.batch_size, "batch_window_s": self.batch_window_ms / 1000,
+                       "batch_exact": self.batch_exact}
         return kwargs | {k: v for k, v in extra.items() if v}  # only what is set beyond the defaults
 
 

@@ -69,7 +69,9 @@ RATE_SMOOTHING = 0.3  # weight of the newest job in the moving average
 
 class DiffusersGenerator:
     """Serves diffusers pipelines. `models` maps a model name to "tiny", a folder, a single-file
-    checkpoint or a hub id; `overrides` maps a name to settings over its family's defaults."""
+    checkpoint or a hub id; `overrides` maps a name to settings over its family's defaults. With a
+    `batch_size` above 1, `batch_exact` makes each image bit-identical whether batched or alone
+    (generators.local_exact)."""
 
     provider = PROVIDER
 
@@ -91,6 +93,7 @@ class DiffusersGenerator:
         memory_budget_gb: float = 0.0,
         batch_size: int = 1,
         batch_window_s: float = 0.05,
+        batch_exact: bool = True,
         device_options: Mapping[str, Any] | None = None,
     ):
         _check_settings(models, device, dtype, default_steps, default_guidance, price_per_second_usd)
@@ -103,7 +106,8 @@ class DiffusersGenerator:
             for name, source in models.items()
         }
         self._loras, self._controlnets = loras_from(loras or {}), controlnets_from(controlnets or {})
-        self._device_options = dict(device_options or {})
+        # With batching on, every image (batched or alone) is made with batch-invariant kernels.
+        self._device_options = dict(device_options or {}) | {"batch_exact": batch_exact and batch_size > 1}
         if self._device_options.get("attention", "sdpa") not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}")
         self._data_dir = Path(data_dir)

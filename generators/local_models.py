@@ -145,6 +145,7 @@ class DeviceOptions:
     attention: str = "sdpa"
     compile: bool = False
     channels_last: bool = False
+    batch_exact: bool = False  # batch-invariant kernels (generators.local_exact), set with batching on
 
 
 def resolve_device(choice: str, dtype_choice: str, options: Mapping[str, Any]) -> DeviceOptions:

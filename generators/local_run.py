@@ -24,6 +24,7 @@ from generators.local_control import (
     use_loras,
     with_triggers,
 )
+from generators.local_exact import make_batch_invariant
 from generators.local_models import (
     HUB_ID_PATTERN,
     TINY_SOURCE,
@@ -196,6 +197,8 @@ def diffuse(models: Models, batch: list[Call], config: ModelConfig) -> tuple[lis
         args["strength"] = strength
         text["strength"] = f"{strength:g}"
     chosen = models.prepare(first.model, pipe, first.options)
+    if models.options.batch_exact:
+        make_batch_invariant(pipe)  # after prepare: a LoRA just loaded brings Linears of its own
     text |= {LORA_OPTION: ",".join(f"{lora.name}:{weight:g}" for lora, weight in chosen)} if chosen else {}
     args["prompt"] = [with_triggers(c.request.prompt, chosen) for c in batch]
     negatives = [c.request.negative_prompt or "" for c in batch]

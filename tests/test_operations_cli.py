@@ -209,7 +209,9 @@ def test_jobs_is_a_table_on_a_terminal(with_jobs):
     text = SGR.sub("", out)
     header = next(line for line in text.splitlines() if "status" in line)
     assert re.findall(r"\w+", header) == ["id", "status", "kind", "user", "model", "seed", "cost", "prompt", "detail"]
-    assert "a lighthouse at dusk" in text and "$0.0125" in text and "http://127.0.0.1/images/ab.png" in text
+    # The URL shown is made afresh from the store (a bucket's presigned URLs expire), not the stored one.
+    assert "a lighthouse at dusk" in text and "$0.0125" in text and "http://127.0.0.1/images/ab.png" not in text
+    assert re.sub(r"\s|│", "", text).count("ab" * 32 + ".png") == 1
     # Stored escape sequences reach the terminal as text, not as commands.
     assert "\x1b[2J" not in out and "\x1b]" not in out and "\x07" not in out
     assert "old\\x1b[2Juser" in text and "upstream said \\x1b[31mno" in text
