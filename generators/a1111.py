@@ -41,7 +41,14 @@ from bot.core.models import (
 )
 from generators.cloud import find_model
 from generators.download import image_from_b64
-from generators.gpu_servers import ServerDown, ServerPool, describe_failure, get_json, server_urls
+from generators.gpu_servers import (
+    ServerDown,
+    ServerPool,
+    SessionOwner,
+    describe_failure,
+    get_json,
+    server_urls,
+)
 
 if TYPE_CHECKING:
     import aiohttp
@@ -124,7 +131,7 @@ def describe_error(status: int, body: Any) -> str:
     return " ".join(": ".join(parts).split())[:600] or f"HTTP {status}"
 
 
-class Automatic1111:
+class Automatic1111(SessionOwner):
     """Generator for AUTOMATIC1111-compatible servers; jobs go to the least-loaded healthy one."""
 
     provider = PROVIDER
@@ -197,17 +204,6 @@ class Automatic1111:
     def estimate_cost(self, request: GenerationRequest) -> float:
         return self._price
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            import aiohttp
-
-            self._session = aiohttp.ClientSession()
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def _body(self, request: GenerationRequest, seed: int) -> dict[str, Any]:
         checkpoint = request.model.removeprefix(PREFIX)

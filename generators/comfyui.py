@@ -39,7 +39,7 @@ from bot.core.models import (
     UnsupportedRequest,
 )
 from generators.download import MAX_IMAGE_BYTES, checked_png
-from generators.gpu_servers import Server, ServerDown, ServerPool, describe_failure, get_json
+from generators.gpu_servers import Server, ServerDown, ServerPool, SessionOwner, describe_failure, get_json
 
 if TYPE_CHECKING:
     import aiohttp
@@ -200,7 +200,7 @@ def read_preview(frame: bytes) -> bytes | None:
     return None
 
 
-class ComfyUI:
+class ComfyUI(SessionOwner):
     """Generator for ComfyUI servers; jobs go to the least-loaded healthy one."""
 
     provider = PROVIDER
@@ -234,17 +234,6 @@ class ComfyUI:
     def estimate_cost(self, request: GenerationRequest) -> float:
         return self._price
 
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            import aiohttp
-
-            self._session = aiohttp.ClientSession()
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def generate(
         self, request: GenerationRequest, progress: ProgressCallback | None = None

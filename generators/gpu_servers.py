@@ -158,3 +158,22 @@ async def get_json(session: aiohttp.ClientSession, url: str, what: str) -> objec
             return await resp.json(content_type=None)
         except ValueError:
             raise ServerDown(f"{what} answered with something that is not JSON") from None
+
+
+class SessionOwner:
+    """One aiohttp session per generator, made at first use (on the event loop that uses it) and
+    closed with the generator."""
+
+    _session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

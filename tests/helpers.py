@@ -132,3 +132,10 @@ def pixels(source) -> str:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     image = Image.open(_io.BytesIO(data)).convert("RGBA")
     return hashlib.sha256(repr(image.size).encode() + image.tobytes()).hexdigest()
+
+
+def closed_url() -> str:
+    """The URL of a port on 127.0.0.1 that nothing listens on (a server that is down)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import contextlib
 import io
-import socket
 
 import pytest
 from PIL import Image
@@ -19,7 +18,7 @@ from generators.a1111 import Automatic1111, sampler_slug
 from moderation import NoImageScreen
 from tests.fakes.a1111_server import CHECKPOINTS, FakeA1111
 from tests.fakes.providers import image_bytes
-from tests.helpers import generation_request, job_request, start_app, write_config
+from tests.helpers import closed_url, generation_request, job_request, start_app, write_config
 
 SD15 = "a1111/v1-5-pruned-emaonly"
 
@@ -46,11 +45,6 @@ async def a1111(servers, **kw):
     finally:
         await gen.close()
 
-
-def closed_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def sd15(kind="imagine", **fields):

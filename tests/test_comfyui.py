@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import re
-import socket
 
 import pytest
 from PIL import Image
@@ -21,7 +20,7 @@ from generators.comfyui import ComfyUI, load_workflow
 from moderation import NoImageScreen
 from tests.fakes.comfyui_server import FakeComfyUI
 from tests.fakes.providers import image_bytes
-from tests.helpers import generation_request, job_request, start_app
+from tests.helpers import closed_url, generation_request, job_request, start_app
 
 TXT2IMG = {
     "3": {"class_type": "KSampler", "inputs": {
@@ -78,11 +77,6 @@ async def comfy(servers, workflows, **kw):
     finally:
         await gen.close()
 
-
-def closed_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def sd15(**fields):

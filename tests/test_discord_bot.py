@@ -27,6 +27,7 @@ from tests.discord_helpers import (  # noqa: E402
     ALLOWANCE_MICROS,
     PRICE_MICROS,
     RESULT_REACTIONS,
+    BotStarter,
     FixedSizeGenerator,
     NsfwChannelsOnlyScreen,
     RunningBot,
@@ -42,8 +43,6 @@ from tests.discord_helpers import (  # noqa: E402
     original,
     refusal_of,
     result_of,
-    settings_data,
-    start_bot,
 )
 from tests.fakes.discord_server import EPHEMERAL, FakeDiscord  # noqa: E402
 from tests.fakes.generators import GeneratorError, PreparedGenerator, png_bytes  # noqa: E402
@@ -59,29 +58,6 @@ async def bob(fake: FakeDiscord):
     user = fake.add_user("bob")
     fake.add_member(fake.guild, user)
     return user
-
-
-class BotStarter:
-    """Starts the bot with settings overrides ({"table": {key: value}}); remembers what it started."""
-
-    def __init__(self, fake: FakeDiscord, tmp_path):
-        self.fake, self.tmp_path = fake, tmp_path
-        self.started: list[RunningBot] = []
-
-    async def __call__(self, overrides=None, **kwargs) -> RunningBot:
-        running = await start_bot(self.fake, config=settings_data(self.tmp_path, overrides), **kwargs)
-        self.started.append(running)
-        return running
-
-    async def restart(self, running: RunningBot) -> RunningBot:
-        restarted = await running.restarted()
-        self.started.append(restarted)
-        return restarted
-
-    async def close_all(self) -> None:
-        for running in self.started:
-            if not running.client.is_closed():
-                await running.close()
 
 
 @pytest.fixture
