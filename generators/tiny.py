@@ -33,7 +33,7 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in chars]
 
 
-def _write_tokenizer_files(folder: Path) -> None:
+def write_tokenizer_files(folder: Path) -> None:
     """A byte-level vocabulary with no merges: every character is a token, so any prompt encodes."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = _bytes_to_unicode()
@@ -59,7 +59,7 @@ def build_tiny_pipeline(path: Path) -> None:
     # Built beside `path`, on the same filesystem, so the final rename is atomic.
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:
-        _write_tokenizer_files(work / "tokenizer-source")
+        write_tokenizer_files(work / "tokenizer-source")
         tokenizer = CLIPTokenizer.from_pretrained(
             work / "tokenizer-source", model_max_length=CLIP_MAX_TOKENS
         )
