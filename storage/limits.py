@@ -52,7 +52,7 @@ def check_rates(conn: sqlite3.Connection, user_id: str, caps: Caps, now: float) 
 def check_guild_cap(conn: sqlite3.Connection, amount_micros: int, caps: Caps) -> None:
     if caps.guild_id is None or caps.guild_cap_micros is None:
         return
-    if committed(conn, "guild_id = ?", (caps.guild_id,), f"guild:{caps.guild_id}", caps.period_start) \
+    if committed(conn, "+guild_id = ?", (caps.guild_id,), f"guild:{caps.guild_id}", caps.period_start) \
             + amount_micros > caps.guild_cap_micros:
         raise GuildCapReached(caps.guild_cap_micros, caps.period_end)
 
@@ -61,7 +61,7 @@ def check_daily_cap(conn: sqlite3.Connection, amount_micros: int, caps: Caps) ->
     """Money really spent with providers today, by everyone (exempt members too)."""
     if not (caps.paid and caps.daily_cap_micros):
         return
-    if committed(conn, "paid = 1", (), "paid", caps.day_start) + amount_micros > caps.daily_cap_micros:
+    if committed(conn, "+paid = 1", (), "paid", caps.day_start) + amount_micros > caps.daily_cap_micros:
         raise SpendCapReached(caps.daily_cap_micros, caps.day_end)
 
 
@@ -77,7 +77,9 @@ def check_count(conn: sqlite3.Connection, user_id: str, limit: int, period: str,
 
 def committed(conn: sqlite3.Connection, where: str, params: tuple, scope: str, since: float) -> int:
     """Held now by the reservations `where` selects, plus what `scope` was charged since `since`
-    (a UTC day's start): a few rows read, however many jobs the period had."""
+    (a UTC day's start): a few rows read, however many jobs the period had. (`where` writes its
+    column as `+column`, so that SQLite walks the few held rows by their state, not every paid
+    or guild row.)"""
     held = conn.execute(
         f"SELECT COALESCE(SUM(amount_micros), 0) FROM reservations WHERE state = 'held' AND {where}", params
     ).fetchone()[0]
