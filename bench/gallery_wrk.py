@@ -167,7 +167,8 @@ def bench(duration: int, connections: int, threads: int, workers: int) -> dict:
         paths = {"image": f"/images/{key}.png", "image page": f"/i/{key}", "member page": f"/u/{MEMBER}"}
         with server_process(data / "images") as (_, bare_port):  # make_image_app alone, for reference
             measure("bare image app", f"http://127.0.0.1:{bare_port}", {"image": paths["image"]}, load, results)
-        env = {**os.environ, "EASEL_CONFIG": str(root / "easel" / "easel.toml")}
+        # Like for like: nginx logs no access here either.
+        env = {**os.environ, "EASEL_CONFIG": str(root / "easel" / "easel.toml"), "EASEL_SERVER__ACCESS_LOG": "false"}
         with running([sys.executable, "-m", "bot.cli", "serve"], easel + "/healthz", root / "easel.log",
                      env=env, cwd=ROOT):
             with DIRECT.open(easel + paths["image page"]) as resp:

@@ -891,7 +891,8 @@ def _serve(settings, args) -> int:
           f"(and /healthz, /readyz, /metrics)")
     try:
         # run_app "prints" once it listens: the start-up notes then, not before a failed bind.
-        web.run_app(http, host=settings.server.host, port=settings.server.port, print=lambda _: _start_notes(app))
+        web.run_app(http, host=settings.server.host, port=settings.server.port, print=lambda _: _start_notes(app),
+                    **({} if settings.server.access_log else {"access_log": None}))
     except OSError as exc:  # the address is in use, or the host does not resolve
         asyncio.run(app.close())
         return _fail(str(listen_error(settings, exc)), EXIT_USAGE)

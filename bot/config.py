@@ -148,6 +148,8 @@ class ServerSettings(_Section):
 
     host: Str = "127.0.0.1"
     port: Annotated[Int, _rule(lambda v: 0 < v < 65536, "must be 1-65535")] = 8080
+    # One log line per HTTP request (aiohttp's access log); off behind a CDN or a proxy that logs.
+    access_log: Bool = True
 
 
 class GenerationSettings(_Section):

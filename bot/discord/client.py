@@ -163,7 +163,8 @@ async def serve(settings: Settings, app: App, *, stop: asyncio.Event | None = No
     except (NotImplementedError, RuntimeError, AttributeError):
         pass
     client = make_client(app, settings.discord)
-    runner = web.AppRunner(make_http_app(app, discord_ready=lambda: client.is_ready() and not client.is_closed()))
+    runner = web.AppRunner(make_http_app(app, discord_ready=lambda: client.is_ready() and not client.is_closed()),
+                           **({} if settings.server.access_log else {"access_log": None}))
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.server.host, settings.server.port).start()
