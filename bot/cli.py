@@ -128,7 +128,9 @@ def _job_parsers(sub) -> None:
     p.add_argument("--enhance", action="store_true", default=None,
                    help="let a chat model expand the prompt first (see [enhance] in the settings)")
     p.add_argument("--control", metavar="NAME", help="a ControlNet (see [generators.local.controlnets])")
-    p.add_argument("--control-image", type=Path, metavar="PATH", help="the image the ControlNet follows")
+    control = p.add_mutually_exclusive_group()
+    control.add_argument("--control-image", type=Path, metavar="PATH", help="the image the ControlNet follows")
+    control.add_argument("--control-job", type=int, metavar="JOB_ID", help="or an earlier job's image")
     p.add_argument("--control-scale", type=float, metavar="F", help="how strongly it follows it (0-2, default 1)")
     _job_options(p)
 
@@ -305,7 +307,7 @@ def _job_command(settings, args) -> int:
     request = JobRequest(
         Kind.EDIT if outpaint else Kind(args.command), Requester(args.user), params,
         outpaint=outpaint,
-        source_job_id=getattr(args, "job_id", None),
+        source_job_id=getattr(args, "job_id", None) or getattr(args, "control_job", None),
         enhance=getattr(args, "enhance", None),
         image=_read_file(getattr(args, "image", None) or getattr(args, "control_image", None),
                          settings.generation.max_upload_bytes, "image"),

@@ -47,7 +47,7 @@ from tests.discord_helpers import (  # noqa: E402
 from tests.fakes.discord_server import EPHEMERAL, FakeDiscord  # noqa: E402
 from tests.fakes.generators import GeneratorError, PreparedGenerator, png_bytes  # noqa: E402
 from tests.fakes.providers import FakeOpenAI  # noqa: E402
-from tests.helpers import write_workspace_config  # noqa: E402
+from tests.helpers import pixels, write_workspace_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ async def test_sync_registers_the_commands_with_their_options(fake, make_bot):
 
     imagine = {o["name"]: o for o in commands["imagine"]["options"]}
     assert list(imagine) == ["prompt", "negative", "seed", "model", "aspect", "quality", "sampler", "count",
-                             "enhance", "lora", "control", "control_image", "control_scale"]
+                             "enhance", "lora", "control", "control_image", "control_scale", "control_job"]
     assert imagine["lora"].get("autocomplete") is True and imagine["control"].get("autocomplete") is True
     assert imagine["control_image"]["type"] == 11  # an attachment
     assert imagine["enhance"]["type"] == 5  # a boolean
@@ -1310,3 +1310,21 @@ async def test_imagine_takes_loras_and_a_controlnet_with_its_image(fake, make_bo
     refused = await fake.send_slash_command("imagine", {"prompt": "a heron", "lora": "oils"})
     text = await refusal_of(fake, refused)
     assert "oils" in text and len(bot.generator.calls) == 1 and bot.held() == []
+
+
+async def test_an_earlier_result_can_be_the_control_image(fake, make_bot, bob):
+    bot = await make_bot(generator=PreparedGenerator(controlnets=("canny",)))
+    await imagine_result(bot, {"prompt": "a heron"})
+    [first] = bot.jobs()
+    await imagine_result(bot, {"prompt": "a heron in ink", "control": "canny", "control_job": str(first.id)})
+    call = bot.generator.calls[-1]
+    assert pixels(call.control_image) == pixels(bot.app.blobs.get(first.sha256))
+    second = bot.jobs()[-1]
+    assert second.source_job_id == first.id and second.source_sha256
+    await bot.app.results.delivered(first.id, None)  # no longer posted publicly: bob may not use it
+    refused = await fake.send_slash_command("imagine", {"prompt": "mine", "control": "canny",
+                                                        "control_job": str(first.id)}, user=bob)
+    assert f"no job {first.id}" in await refusal_of(fake, refused)
+    text = await refusal_of(fake, await fake.send_slash_command(
+        "imagine", {"prompt": "no control", "control_job": str(first.id)}))
+    assert "give control too" in text

@@ -139,6 +139,15 @@ class Planner:
                 if params.negative_prompt is not None
                 else source.negative_prompt,
             )
+        if request.kind == Kind.IMAGINE and request.source_job_id is not None and request.image is None:
+            # An earlier result as the image a ControlNet follows (access as for a variation).
+            if CONTROL_OPTION not in params.options:
+                raise Refusal(
+                    ErrorCode.USAGE, "an earlier image for imagine is a control image: give control too"
+                )
+            source = await asyncio.to_thread(self._source_job, request)
+            assert source.sha256 is not None
+            image = await asyncio.to_thread(self.blobs.get, source.sha256)
         if request.image is not None:
             image = await self._checked_upload(request.image, "image")
         if request.mask is not None:

@@ -59,6 +59,7 @@ class Generate(commands.Cog):
                            lora="LoRA styles, NAME[:WEIGHT] separated by commas (up to 3; local models)",
                            control="a ControlNet (canny, depth...) that follows control_image",
                            control_image="the image the ControlNet follows",
+                           control_job="or an earlier result's image: a job number or a link to it",
                            control_scale="how strongly it follows it (0-2)")
     @app_commands.autocomplete(model=model_autocomplete, sampler=sampler_autocomplete, lora=lora_autocomplete,
                                control=control_autocomplete)
@@ -70,7 +71,8 @@ class Generate(commands.Cog):
                       sampler: str | None = None, count: app_commands.Range[int, 1, 4] = 1,
                       enhance: bool | None = None, lora: str | None = None, control: str | None = None,
                       control_image: discord.Attachment | None = None,
-                      control_scale: app_commands.Range[float, 0.0, 2.0] | None = None) -> None:
+                      control_scale: app_commands.Range[float, 0.0, 2.0] | None = None,
+                      control_job: str | None = None) -> None:
         begun = await self.delivery.begin(interaction)
         if begun is None:
             return
@@ -85,9 +87,12 @@ class Generate(commands.Cog):
         except FlagError as exc:
             raise Refused(str(exc)) from None
         params = GenerationParams(prompt=prompt, negative_prompt=negative, seed=seed, model=model, options=options)
+        if control_image is not None and control_job is not None:
+            raise Refused("give control_image or control_job, not both")
         request = JobRequest(Kind.IMAGINE, of_interaction(interaction), params, defaults=prefs,
                              aspect=ratio, group=f"interaction:{interaction.id}", enhance=enhance,
-                             image=await self._read(control_image, "control image"))
+                             image=await self._read(control_image, "control image"),
+                             source_job_id=await self._job_id(control_job) if control_job else None)
 
         async def run(on_event):
             return await self.app.service.imagine(request, count, on_event)
@@ -130,13 +135,7 @@ class Generate(commands.Cog):
         if begun is None:
             return
         prefs, started = begun
-        job_id, message_id = job_reference(job)
-        if message_id is not None:
-            found = await self.app.results.for_message(message_id)
-            if found is None:
-                raise Refused("that message is not an easel result")
-            job_id = found.id
-        request = JobRequest(kind, of_interaction(interaction), params, source_job_id=job_id,
+        request = JobRequest(kind, of_interaction(interaction), params, source_job_id=await self._job_id(job),
                              image=await self._read(image, "image"))
         await self._submit(interaction, request, prefs, started)
 
@@ -146,6 +145,16 @@ class Generate(commands.Cog):
             return [await self.app.service.submit(request, on_event)]
 
         await self.delivery.for_interaction(interaction, run, private=prefs.private, started=started)
+
+    async def _job_id(self, text: str | None) -> int | None:
+        """The job a job number or a result message link names (None: the member's last)."""
+        job_id, message_id = job_reference(text)
+        if message_id is not None:
+            found = await self.app.results.for_message(message_id)
+            if found is None:
+                raise Refused("that message is not an easel result")
+            job_id = found.id
+        return job_id
 
     async def _read(self, attachment: discord.Attachment | None, what: str) -> bytes | None:
         """An upload's bytes, refused before download if it says it is no image or too large (the
