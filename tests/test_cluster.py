@@ -40,7 +40,7 @@ def _settings(tmp, **cluster):
     })
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     """The settings of a pool that the first job started: Ray inside this process, the app deployed."""
     import ray
