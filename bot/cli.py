@@ -307,7 +307,8 @@ def _job_command(settings, args) -> int:
     request = JobRequest(
         Kind.EDIT if outpaint else Kind(args.command), Requester(args.user), params,
         outpaint=outpaint,
-        source_job_id=getattr(args, "job_id", None) or getattr(args, "control_job", None),
+        source_job_id=next((j for j in (getattr(args, "job_id", None), getattr(args, "control_job", None))
+                            if j is not None), None),
         enhance=getattr(args, "enhance", None),
         image=_read_file(getattr(args, "image", None) or getattr(args, "control_image", None),
                          settings.generation.max_upload_bytes, "image"),
