@@ -50,6 +50,7 @@ from .ports import (
     Provenance,
 )
 from .prompting import Normalised, normalise
+from .queueing import Queueing
 from .records import Records
 from .routing import Router
 from .screening import Screening
@@ -88,8 +89,7 @@ class EaselService:
         self.enhancer = enhancer or Enhancer(
             None, on_failure="original", max_prompt_chars=policy.max_prompt_chars
         )
-        self._tasks: dict[int, asyncio.Task[JobOutcome]] = {}
-        self._cancelling: set[int] = set()  # jobs `cancel` was asked for
+        self.queueing = Queueing(admission)  # what is in flight here, and cancelling it
 
     # ---- what front ends ask for --------------------------------------------------------------
 
@@ -182,7 +182,7 @@ class EaselService:
 
     def queue(self) -> list[QueueEntry]:
         """The jobs running and waiting for a generator, for /queue."""
-        return self.admission.entries()
+        return self.queueing.entries()
 
     async def upscale(
         self, job_id: int, requester: Requester, on_event: EventSink | None = None
@@ -219,12 +219,7 @@ class EaselService:
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a queued or running job; True if it was in flight here."""
-        task = self._tasks.get(job_id)
-        if task is None or task.done():
-            return False
-        self._cancelling.add(job_id)  # the job ends with a cancelled outcome, not an exception
-        task.cancel()
-        return True
+        return self.queueing.cancel(job_id)
 
     async def cooldown_started(self, user_id: str) -> ModerationEvent | None:
         """The block that just put `user_id` into a cool-down, for a note to the admins."""
@@ -232,10 +227,10 @@ class EaselService:
 
     def in_flight(self) -> set[asyncio.Task[JobOutcome]]:
         """The tasks of the jobs running now."""
-        return {t for t in self._tasks.values() if not t.done()}
+        return self.queueing.in_flight()
 
     def queue_position(self, job_id: int) -> int | None:
-        return self.admission.position(job_id)
+        return self.queueing.position(job_id)
 
     # ---- the one path -------------------------------------------------------------------------
 
@@ -252,24 +247,20 @@ class EaselService:
         job = await asyncio.to_thread(self.records.create, request, plan)
         done: list[Enhancement] = []  # the enhancement, once made
         task = asyncio.current_task()
-        if task is not None:
-            self._tasks[job.id] = task
-        try:
-            ending = await self._steps(job, request, plan, watch, on_event, asked.enhance, done)
-            outcome = await self.billing.finish(job, _enhanced(ending, done))
-            await asyncio.to_thread(self.records.finished, outcome, ending.blocked, request)
-            return outcome
-        except asyncio.CancelledError:
-            ending = Ending(JobStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled", timings=watch.ms)
-            outcome = await asyncio.shield(self.billing.finish(job, ending))
-            self.records.finished(outcome, None, request)
-            if job.id not in self._cancelling or task is None:
-                raise
-            task.uncancel()  # cancelled on its own (one image of several): the others go on
-            return outcome
-        finally:
-            self._tasks.pop(job.id, None)
-            self._cancelling.discard(job.id)
+        with self.queueing.running(job.id, task):
+            try:
+                ending = await self._steps(job, request, plan, watch, on_event, asked.enhance, done)
+                outcome = await self.billing.finish(job, _enhanced(ending, done))
+                await asyncio.to_thread(self.records.finished, outcome, ending.blocked, request)
+                return outcome
+            except asyncio.CancelledError:
+                ending = Ending(JobStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled", timings=watch.ms)
+                outcome = await asyncio.shield(self.billing.finish(job, ending))
+                self.records.finished(outcome, None, request)
+                if not self.queueing.cancelled_here(job.id) or task is None:
+                    raise
+                task.uncancel()  # cancelled on its own (one image of several): the others go on
+                return outcome
 
     async def _steps(
         self,
@@ -281,60 +272,85 @@ class EaselService:
         enhance: bool,
         done: list[Enhancement],
     ) -> Ending:
-        nsfw = request.requester.nsfw_channel
+        """Screen, reserve, (enhance,) generate, check and store: how the job ended. A refusal, a
+        failure or a bug ends it (refunded); a cancellation goes on up to `_run`."""
         try:
             with watch("screen_prompt"):
                 await self.screening.screen_request(request, plan.request)
             await self.records.keep_uploads(job, request, plan)  # only screened uploads are kept
-            group = request.group or f"job:{job.id}"
-            async with self.admission.request(job.user_id, group):
-                with watch("reserve"):
-                    allowance = self.enhancer.allowance_micros() if enhance else 0
-                    await self.billing.reserve(
-                        job,
-                        plan,
-                        self.billing.estimate_micros(plan) + allowance,
-                        group,
-                        request.requester.roles,
-                    )
-                if enhance:
-                    plan = await _enhance(self.enhancer, self.screening, request, plan, watch, done)
-                queued = time.perf_counter()
-                # The slot limits calls to the generator, not the work on their results.
-                spec = plan.route.spec
-                async with self.admission.slot(spec.provider, job.id, job.user_id, on_event, spec.name):
-                    watch.since("queue", queued)
-                    with watch("generate"):
-                        result = await generate(
-                            self.router,
-                            self.jobs,
-                            self.observer,
-                            job,
-                            plan,
-                            self.policy.job_timeout_s,
-                            on_event,
-                        )
+            plan, result = await _admitted(self, job, request, plan, watch, on_event, enhance, done)
             source = request.image if request.image is not None else plan.request.source_image
+            nsfw = request.requester.nsfw_channel
             return await _check_and_store(self, result, plan, nsfw, watch, job, source)
-        except BudgetRefusal as exc:
-            text = exc.describe(self.policy.money)
-            return Ending(JobStatus.REFUSED, exc.code, text, timings=watch.ms, retry_at=exc.resets_at)
-        except Refusal as exc:
-            blocked = exc if isinstance(exc, Blocked) else None
-            return Ending(exc.status, exc.code, str(exc), timings=watch.ms, blocked=blocked)
-        except StoreFailed as exc:  # the bucket or the folder would not take it
-            log.error("job %s: the image could not be stored: %s", job.id, exc)
-            return Ending(
-                JobStatus.FAILED, ErrorCode.FAILED, f"the image could not be stored ({exc})", timings=watch.ms
+        except Exception as exc:
+            return _ending_of(exc, job, self.policy, watch)
+
+
+async def _admitted(
+    service: EaselService,
+    job: JobRecord,
+    request: JobRequest,
+    plan: Plan,
+    watch: _Stopwatch,
+    on_event: EventSink | None,
+    enhance: bool,
+    done: list[Enhancement],
+) -> tuple[Plan, GeneratedImage]:
+    """Within the member's share of admission: reserve the cost, enhance the prompt if asked,
+    then generate. The plan (as enhanced) and what the generator made."""
+    group = request.group or f"job:{job.id}"
+    async with service.admission.request(job.user_id, group):
+        with watch("reserve"):
+            allowance = service.enhancer.allowance_micros() if enhance else 0
+            estimate = service.billing.estimate_micros(plan) + allowance
+            await service.billing.reserve(job, plan, estimate, group, request.requester.roles)
+        if enhance:
+            plan = await _enhance(service.enhancer, service.screening, request, plan, watch, done)
+        return plan, await _generated(service, job, plan, watch, on_event)
+
+
+async def _generated(
+    service: EaselService, job: JobRecord, plan: Plan, watch: _Stopwatch, on_event: EventSink | None
+) -> GeneratedImage:
+    """The generator's call in a slot of its provider's queue (the wait for it timed as "queue")."""
+    queued = time.perf_counter()
+    # The slot limits calls to the generator, not the work on their results.
+    spec = plan.route.spec
+    async with service.admission.slot(spec.provider, job.id, job.user_id, on_event, spec.name):
+        watch.since("queue", queued)
+        with watch("generate"):
+            return await generate(
+                service.router,
+                service.jobs,
+                service.observer,
+                job,
+                plan,
+                service.policy.job_timeout_s,
+                on_event,
             )
-        except Exception as exc:  # a bug must refund too, and leave a trace
-            log.exception("job %s failed unexpectedly", job.id)
-            return Ending(
-                JobStatus.FAILED,
-                ErrorCode.FAILED,
-                f"internal error ({exc.__class__.__name__})",
-                timings=watch.ms,
-            )
+
+
+def _ending_of(exc: Exception, job: JobRecord, policy: Policy, watch: _Stopwatch) -> Ending:
+    """How a job that raised `exc` ends: refused (a block among the refusals) or failed. Called
+    while `exc` is being handled, so that a bug's traceback is logged."""
+    if isinstance(exc, BudgetRefusal):
+        text = exc.describe(policy.money)
+        return Ending(JobStatus.REFUSED, exc.code, text, timings=watch.ms, retry_at=exc.resets_at)
+    if isinstance(exc, Refusal):
+        blocked = exc if isinstance(exc, Blocked) else None
+        return Ending(exc.status, exc.code, str(exc), timings=watch.ms, blocked=blocked)
+    if isinstance(exc, StoreFailed):  # the bucket or the folder would not take it
+        log.error("job %s: the image could not be stored: %s", job.id, exc)
+        return Ending(
+            JobStatus.FAILED, ErrorCode.FAILED, f"the image could not be stored ({exc})", timings=watch.ms
+        )
+    log.exception("job %s failed unexpectedly", job.id)  # a bug must refund too, and leave a trace
+    return Ending(
+        JobStatus.FAILED,
+        ErrorCode.FAILED,
+        f"internal error ({exc.__class__.__name__})",
+        timings=watch.ms,
+    )
 
 
 async def _check_and_store(
