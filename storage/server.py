@@ -1,7 +1,7 @@
 """The HTTP server that gives every stored image a stable public URL.
 
 Images are never buffered whole: on a plain TCP transport the kernel sends the verified, open
-file itself (sendfile(2), in pieces each under the stall timeout); otherwise (TLS) each response
+file itself (sendfile(2), corked with the headers, in pieces each under the stall timeout); otherwise (TLS) each response
 reads its file in `chunk_bytes` pieces on a small thread pool and writes each with back-pressure,
 so a slow client holds about one chunk of memory however large the image. At most `max_streams` responses of files of `small_file_bytes`
 or more stream at once; the others wait for a slot holding nothing (not even an open file).
@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import re
+import socket
 import stat
 import sys
 from collections import OrderedDict
@@ -40,6 +42,7 @@ CHUNK_BYTES = 256 * 1024
 SENDFILE_PIECE = 1 << 20  # sendfile(2) per call: the stall timeout applies to each
 SMALL_FILE_BYTES = 1 << 20
 VERIFIED_CACHE_SIZE = 4096
+OPEN_FILES = 256  # verified files kept open between requests
 STALL_TIMEOUT_S = 60.0
 _HASH_CHUNK = 1 << 20
 _IO_THREADS = 8
@@ -59,6 +62,7 @@ class ImageServerStats:
     streaming: int = 0  # responses holding a slot now
     waiting: int = 0  # responses waiting for a slot now
     peak_streaming: int = 0
+    opened: int = 0  # files opened by path (a request the open-file cache could not answer)
     hashed: int = 0  # verifications run (a file's bytes hashed)
     damaged: int = 0  # verifications that found the bytes no longer match the key
 
@@ -74,10 +78,11 @@ class _Sig(NamedTuple):
     size: int
     mtime_ns: int
     ctime_ns: int
+    nlink: int  # unlinked or replaced: fewer links, whatever the clock's granularity
 
 
 def _sig(st: os.stat_result) -> _Sig:
-    return _Sig(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return _Sig(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
 
 
 def _open(path: Path) -> tuple[int, _Sig]:
@@ -99,7 +104,7 @@ def _read(fd: int, size: int, offset: int, check: bool) -> tuple[bytes, _Sig | N
 
 
 def _unbuffered(fd: int) -> Any:
-    """A file object over `fd` (which stays open) for loop.sendfile."""
+    """A file object over `fd` (which stays open; wrapping it reads nothing) for loop.sendfile."""
     return open(fd, "rb", buffering=0, closefd=False)
 
 
@@ -229,33 +234,111 @@ def _matches(tags: Any, key: str) -> bool:
     return any(tag.value in (key, "*") for tag in tags or ())
 
 
-def make_image_app(store: LocalBlobStore, *, max_streams: int = MAX_STREAMS,
-                   chunk_bytes: int = CHUNK_BYTES, small_file_bytes: int = SMALL_FILE_BYTES,
-                   verified_cache_size: int = VERIFIED_CACHE_SIZE,
-                   stall_timeout_s: float = STALL_TIMEOUT_S, sendfile: bool = True) -> web.Application:
-    """The image app: `/images/{key}.{ext}` and `/healthz`. Responses for files of
-    `small_file_bytes` or more take one of `max_streams` slots while they stream; a client that
-    takes no chunk for `stall_timeout_s` is dropped, so stalled readers cannot hold the slots."""
-    if max_streams < 1 or chunk_bytes < 1 or stall_timeout_s <= 0:
-        raise ValueError("max_streams, chunk_bytes and stall_timeout_s must be positive")
-    sendfile_ok = sendfile
-    stats = ImageServerStats(max_streams=max_streams)
-    slots = asyncio.Semaphore(max_streams)
-    io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="easel-images-io")
-    hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="easel-images-hash")
-    verifier = _Verifier(hash_pool, verified_cache_size, stats)
+class _OpenFile:
+    """A verified file kept open for the next requests, with the stat it was verified in."""
 
-    async def io(fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(io_pool, fn, *args)
+    __slots__ = ("fd", "sig", "users", "evicted")
+
+    def __init__(self, fd: int, sig: _Sig):
+        self.fd, self.sig, self.users, self.evicted = fd, sig, 0, False
+
+
+class _OpenFiles:
+    """The files served lately, kept open (as nginx's open_file_cache does) so a request for one
+    needs no path lookup and no thread hop: a cached file is still good while fstat of its open
+    descriptor (an inode in memory: no disk read) gives the state it was verified in. Unlinking
+    or replacing the file changes its link count and ctime, writing to it its size or mtime, so
+    any of these sends the next request the slow way (open in a thread, verify). A file evicted
+    while responses use it is closed when the last of them ends."""
+
+    def __init__(self, capacity: int):
+        self._capacity = capacity
+        self._files: OrderedDict[tuple[str, str], _OpenFile] = OrderedDict()
+
+    def take(self, name: tuple[str, str]) -> _OpenFile | None:
+        """The cached file, still in its verified state, for one more user; else None."""
+        entry = self._files.get(name)
+        if entry is None:
+            return None
+        try:
+            current = _sig(os.fstat(entry.fd))
+        except OSError:
+            current = None
+        if current != entry.sig:
+            self._evict(name)
+            return None
+        self._files.move_to_end(name)
+        entry.users += 1
+        return entry
+
+    def keep(self, name: tuple[str, str], fd: int, sig: _Sig) -> _OpenFile:
+        """Cache `fd` (now owned by the cache) as verified in `sig`, for one user."""
+        self._evict(name)
+        entry = self._files[name] = _OpenFile(fd, sig)
+        entry.users = 1
+        while len(self._files) > self._capacity:
+            self._evict(next(iter(self._files)))
+        return entry
+
+    def give_back(self, entry: _OpenFile) -> None:
+        entry.users -= 1
+        if entry.evicted and entry.users == 0:
+            os.close(entry.fd)
+
+    def _evict(self, name: tuple[str, str]) -> None:
+        entry = self._files.pop(name, None)
+        if entry is not None:
+            entry.evicted = True
+            if entry.users == 0:
+                os.close(entry.fd)
+
+    def close(self) -> None:
+        for name in list(self._files):
+            self._evict(name)
+
+
+def _cork(sock: Any, on: bool) -> None:
+    """TCP_CORK (Linux): the headers and the file leave in full segments, as nginx's
+    tcp_nopush does, instead of a small packet for the headers and one per partial send."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
+
+
+_TCP_CORK = getattr(socket, "TCP_CORK", None)
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # the kernel cannot, for this pair
+
+
+class _Changed(Exception):
+    """The file changed while being served: the response is dropped."""
+
+
+class _ImageApp:
+    """The request handling of one image app (see make_image_app)."""
+
+    def __init__(self, store: LocalBlobStore, *, max_streams: int, chunk_bytes: int,
+                 small_file_bytes: int, verified_cache_size: int, open_files: int,
+                 stall_timeout_s: float, sendfile: bool):
+        self.store, self.chunk_bytes, self.small_file_bytes = store, chunk_bytes, small_file_bytes
+        self.stall_timeout_s, self.sendfile_ok = stall_timeout_s, sendfile
+        self.stats = ImageServerStats(max_streams=max_streams)
+        self._slots = asyncio.Semaphore(max_streams)
+        self._io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="easel-images-io")
+        self._hash_pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="easel-images-hash")
+        self.verifier = _Verifier(self._hash_pool, verified_cache_size, self.stats)
+        self.open_files = _OpenFiles(open_files)
+
+    async def _io(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._io_pool, fn, *args)
 
     @contextlib.asynccontextmanager
-    async def slot(bounded: bool) -> AsyncIterator[None]:
+    async def _slot(self, bounded: bool) -> AsyncIterator[None]:
         if not bounded:
             yield
             return
+        stats = self.stats
         stats.waiting += 1
         try:
-            await slots.acquire()
+            await self._slots.acquire()
         finally:
             stats.waiting -= 1
         stats.streaming += 1
@@ -264,93 +347,81 @@ def make_image_app(store: LocalBlobStore, *, max_streams: int = MAX_STREAMS,
             yield
         finally:
             stats.streaming -= 1
-            slots.release()
+            self._slots.release()
 
-    async def image(request: web.Request) -> web.StreamResponse:
+    async def image(self, request: web.Request) -> web.StreamResponse:
         key, ext = request.match_info["key"], request.match_info["ext"]
         if not is_key(key) or ext not in CONTENT_TYPES:
             raise web.HTTPNotFound(text="no such image")
-        path = store.path_for(key, ext)
         # Not FileResponse: it would replace the content-key ETag with one made from file stats.
-        etag = f'"{key}"'
         headers = {
             "Content-Type": CONTENT_TYPES[ext],
             "Cache-Control": CACHE_CONTROL,
-            "ETag": etag,
+            "ETag": f'"{key}"',
             "Accept-Ranges": "bytes",
         }
+        name = (key, ext)
+        cached = self.open_files.take(name)
+        if cached is not None and _matches(request.if_none_match, key):
+            self.open_files.give_back(cached)
+            return web.Response(status=304, headers=headers)
         head = request.method == "HEAD"
-        try:
-            fd, sig = await io(_open, path)  # one hop: opened, and its stat
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise web.HTTPNotFound(text="no such image") from None
+        if cached is not None and (head or cached.sig.size < self.small_file_bytes):
+            try:
+                return await self._respond(request, name, cached, headers, head)
+            finally:
+                self.open_files.give_back(cached)
+        if cached is not None:
+            self.open_files.give_back(cached)
+        path = self.store.path_for(key, ext)
+        fd, sig = await self._opened(path)  # one hop: opened, and its stat
         if _matches(request.if_none_match, key):
             os.close(fd)  # a regular local file: close does not wait on the disk
             return web.Response(status=304, headers=headers)
-        if not head and sig.size >= small_file_bytes:
-            os.close(fd)
-            async with slot(True):  # waiting for a slot holds nothing, not even an open file
-                try:
-                    fd, sig = await io(_open, path)
-                except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                    raise web.HTTPNotFound(text="no such image") from None
-                try:
-                    return await respond(request, key, ext, path, fd, sig, headers, head)
-                finally:
-                    os.close(fd)
-        try:
-            return await respond(request, key, ext, path, fd, sig, headers, head)
-        finally:
-            os.close(fd)
+        bounded = not head and sig.size >= self.small_file_bytes
+        if bounded:
+            os.close(fd)  # waiting for a slot holds nothing, not even an open file
+        async with self._slot(bounded):
+            entry = self.open_files.take(name) if bounded else None
+            if entry is None:
+                if bounded:
+                    fd, sig = await self._opened(path)
+                entry = await self._verified(name, path, fd, sig)
+            try:
+                return await self._respond(request, name, entry, headers, head)
+            finally:
+                self.open_files.give_back(entry)
 
-    async def send_file(request: web.Request, key: str, ext: str, fd: int, sig: _Sig, start: int,
-                        stop: int) -> bool:
-        """The body by sendfile(2) from the verified, open file: no copy through Python, in pieces
-        of `SENDFILE_PIECE` each under the stall timeout, the file's stat checked before the last
-        piece. False where the transport cannot (TLS): the caller streams it instead."""
-        transport, loop = request.transport, asyncio.get_running_loop()
-        if transport is None or not sendfile_ok:
-            return False
-        with _unbuffered(fd) as f:
-            pos = start
-            while pos < stop:
-                n = min(SENDFILE_PIECE, stop - pos)
-                # fstat of an open local file reads no disk: no thread hop for it.
-                if pos + n >= stop and _sig(os.fstat(fd)) != sig:
-                    verifier.forget(key, ext)
-                    log.warning("stored image %s.%s changed while being served; response dropped", key, ext)
-                    transport.abort()
-                    return True
-                try:
-                    async with asyncio.timeout(stall_timeout_s):
-                        await loop.sendfile(transport, f, pos, n, fallback=False)
-                except asyncio.SendfileNotAvailableError:
-                    if pos == start:
-                        return False
-                    transport.abort()  # it failed part way: the client went away
-                    return True
-                except (RuntimeError, ConnectionError):  # the transport is closing: the client left
-                    transport.abort()
-                    return True
-                except TimeoutError:
-                    log.info("dropped a client that took nothing for %gs: %s", stall_timeout_s, request.remote)
-                    transport.abort()
-                    return True
-                pos += n
-        return True
-
-    async def respond(request: web.Request, key: str, ext: str, path: Path, fd: int, sig: _Sig,
-                      headers: dict[str, str], head: bool) -> web.StreamResponse:
+    async def _opened(self, path: Path) -> tuple[int, _Sig]:
+        self.stats.opened += 1
         try:
-            intact = await verifier.is_intact(key, ext, path, sig)
+            return await self._io(_open, path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise web.HTTPNotFound(text="no such image") from None
+
+    async def _verified(self, name: tuple[str, str], path: Path, fd: int, sig: _Sig) -> _OpenFile:
+        """The open file `fd`, once its bytes are known to hash to its key, kept open for the next
+        requests; or the error that answers the request (and `fd` closed)."""
+        try:
+            intact = await self.verifier.is_intact(*name, path, sig)
         except FileNotFoundError:
+            os.close(fd)
             raise web.HTTPNotFound(text="no such image") from None
         except _Unsteady:
+            os.close(fd)
             raise web.HTTPServiceUnavailable(text="the stored image is changing; try again",
                                              headers={"Retry-After": "1"}) from None
+        except BaseException:
+            os.close(fd)
+            raise
         if not intact:
+            os.close(fd)
             raise web.HTTPInternalServerError(text=DAMAGED, headers={"Cache-Control": "no-store"})
-        size = sig.size
+        return self.open_files.keep(name, fd, sig)
+
+    async def _respond(self, request: web.Request, name: tuple[str, str], entry: _OpenFile,
+                       headers: dict[str, str], head: bool) -> web.StreamResponse:
+        size = entry.sig.size
         if_range = request.headers.get("If-Range")
         asked = request.headers.get("Range")
         if if_range is not None and if_range.strip() != headers["ETag"]:
@@ -365,50 +436,125 @@ def make_image_app(store: LocalBlobStore, *, max_streams: int = MAX_STREAMS,
         if span:
             resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
         resp.content_length = stop - start
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None and not head else None
+        direct = (self.sendfile_ok and sock is not None and _TCP_CORK is not None
+                  and sock.family in (socket.AF_INET, socket.AF_INET6)
+                  and transport.get_extra_info("sslcontext") is None)
+        if direct:
+            _cork(sock, True)
         try:
             await resp.prepare(request)
             if head:
                 return resp
-            if await send_file(request, key, ext, fd, sig, start, stop):
-                return resp
-            pos = start
-            while pos < stop:
-                n = min(chunk_bytes, stop - pos)
-                last = pos + n >= stop
-                data, now = await io(_read, fd, n, pos, last)
-                if len(data) != n or (now is not None and now != sig):
-                    # Changed under us: better a short, broken response than wrong bytes.
-                    verifier.forget(key, ext)
-                    log.warning("stored image %s.%s changed while being served; response dropped",
-                                key, ext)
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return resp
-                try:
-                    async with asyncio.timeout(stall_timeout_s):
-                        await resp.write(data)  # waits while the client's buffers are full
-                except TimeoutError:
-                    log.info("dropped a client that took nothing for %gs: %s", stall_timeout_s,
-                             request.remote)
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return resp
-                del data
-                pos += n
-        except ConnectionError:
-            pass  # the client went away
+            if direct:
+                await self._send_file(request, resp, sock, entry, start, stop)
+            else:
+                await self._stream(resp, entry, start, stop)
+        except _Changed:
+            self.verifier.forget(*name)
+            log.warning("stored image %s.%s changed while being served; response dropped", *name)
+            if request.transport is not None:
+                request.transport.abort()
+        except TimeoutError:
+            log.info("dropped a client that took nothing for %gs: %s", self.stall_timeout_s,
+                     request.remote)
+            if request.transport is not None:
+                request.transport.abort()
+        except (ConnectionError, RuntimeError):  # the client went away; its transport is closing
+            if request.transport is not None:
+                request.transport.abort()
+        finally:
+            if direct:
+                _cork(sock, False)
         return resp
 
-    async def health(request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+    async def _send_file(self, request: web.Request, resp: web.StreamResponse, sock: Any,
+                         entry: _OpenFile, start: int, stop: int) -> None:
+        """The body by sendfile(2) from the verified, open file, no copy through Python: what the
+        socket takes now straight away, in this call; the rest through the loop as the client
+        drains it, each piece under the stall timeout. The file's stat is checked before the piece
+        that completes the response."""
+        fd, pos, out, transport = entry.fd, start, sock.fileno(), request.transport
+        while pos < stop:
+            n = min(SENDFILE_PIECE, stop - pos)
+            if pos + n >= stop and _sig(os.fstat(fd)) != entry.sig:
+                raise _Changed
+            if transport is None or transport.is_closing():
+                raise ConnectionError("the client went away")
+            if not transport.get_write_buffer_size():  # nothing queued ahead of the file
+                try:
+                    sent = os.sendfile(out, fd, pos, n)
+                except BlockingIOError:
+                    sent = -1  # the client's buffers are full: wait below
+                except OSError as exc:
+                    if isinstance(exc, ConnectionError) or exc.errno not in _NO_SENDFILE:
+                        raise
+                    await self._stream(resp, entry, pos, stop)
+                    return
+                if sent == 0:  # the file ended early: it was cut short
+                    raise _Changed
+                if sent > 0:
+                    pos += sent
+                    continue
+            if not await self._send_when_writable(transport, fd, pos, n):
+                await self._stream(resp, entry, pos, stop)  # this loop cannot (uvloop)
+                return
+            pos += n
 
-    async def shut_pools(app: web.Application) -> None:
-        io_pool.shutdown(wait=False, cancel_futures=True)
-        hash_pool.shutdown(wait=False, cancel_futures=True)
+    async def _send_when_writable(self, transport: asyncio.Transport, fd: int, pos: int,
+                                  n: int) -> bool:
+        """`n` bytes at `pos` by the loop's sendfile, which waits while the client's buffers are
+        full; False where the loop has no sendfile."""
+        with _unbuffered(fd) as f:
+            try:
+                async with asyncio.timeout(self.stall_timeout_s):
+                    await asyncio.get_running_loop().sendfile(transport, f, pos, n, fallback=False)
+            except (asyncio.SendfileNotAvailableError, NotImplementedError):
+                return False
+        return True
 
+    async def _stream(self, resp: web.StreamResponse, entry: _OpenFile, start: int,
+                      stop: int) -> None:
+        """The body read in `chunk_bytes` pieces on the thread pool, each written with
+        back-pressure (TLS, or sendfile turned off)."""
+        pos = start
+        while pos < stop:
+            n = min(self.chunk_bytes, stop - pos)
+            data, now = await self._io(_read, entry.fd, n, pos, pos + n >= stop)
+            if len(data) != n or (now is not None and now != entry.sig):
+                raise _Changed  # better a short, broken response than wrong bytes
+            async with asyncio.timeout(self.stall_timeout_s):
+                await resp.write(data)  # waits while the client's buffers are full
+            del data
+            pos += n
+
+    async def shut(self, app: web.Application) -> None:
+        self._io_pool.shutdown(wait=False, cancel_futures=True)
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)
+        self.open_files.close()
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+def make_image_app(store: LocalBlobStore, *, max_streams: int = MAX_STREAMS,
+                   chunk_bytes: int = CHUNK_BYTES, small_file_bytes: int = SMALL_FILE_BYTES,
+                   verified_cache_size: int = VERIFIED_CACHE_SIZE, open_files: int = OPEN_FILES,
+                   stall_timeout_s: float = STALL_TIMEOUT_S, sendfile: bool = True) -> web.Application:
+    """The image app: `/images/{key}.{ext}` and `/healthz`. Responses for files of
+    `small_file_bytes` or more take one of `max_streams` slots while they stream; a client that
+    takes no chunk for `stall_timeout_s` is dropped, so stalled readers cannot hold the slots.
+    Up to `open_files` verified files stay open between requests."""
+    if max_streams < 1 or chunk_bytes < 1 or stall_timeout_s <= 0 or open_files < 1:
+        raise ValueError("max_streams, chunk_bytes, open_files and stall_timeout_s must be positive")
+    images = _ImageApp(store, max_streams=max_streams, chunk_bytes=chunk_bytes,
+                       small_file_bytes=small_file_bytes, verified_cache_size=verified_cache_size,
+                       open_files=open_files, stall_timeout_s=stall_timeout_s, sendfile=sendfile)
     app = web.Application(handler_args={"logger": _ServerLog(server_logger, {})})
-    app[IMAGE_STATS] = stats
-    app.on_cleanup.append(shut_pools)
-    app.router.add_get(r"/images/{key}.{ext}", image)
-    app.router.add_get("/healthz", health)
+    app[IMAGE_STATS] = images.stats
+    app.on_cleanup.append(images.shut)
+    app.router.add_get(r"/images/{key}.{ext}", images.image)
+    app.router.add_get("/healthz", _health)
     return app

@@ -401,10 +401,11 @@ async def test_concurrent_first_requests_share_one_verification(store, blob):
         assert app[IMAGE_STATS].hashed == 1
 
 
-async def test_a_file_changed_while_streaming_breaks_the_response(store, tmp_path, caplog):
+@pytest.mark.parametrize("sendfile", [True, False])
+async def test_a_file_changed_while_streaming_breaks_the_response(store, tmp_path, caplog, sendfile):
     key = write_big_blob(store.root, 32 * MIB)
     path = store.path_for(key)
-    async with serving(make_image_app(store)) as client:
+    async with serving(make_image_app(store, sendfile=sendfile)) as client:
         resp = await client.get(url(key))
         assert resp.status == 200
         await resp.content.readexactly(1000)
@@ -417,6 +418,66 @@ async def test_a_file_changed_while_streaming_breaks_the_response(store, tmp_pat
             await until(lambda: any("changed while being served" in r.getMessage()
                                     for r in caplog.records))
         assert (await client.get(url(key))).status == 500
+
+
+# ---- the open-file cache -------------------------------------------------------------------
+
+async def test_a_verified_file_stays_open_until_it_is_replaced_or_removed(store, blob):
+    key, data = blob
+    path = store.path_for(key)
+    app = make_image_app(store)
+    stats = app[IMAGE_STATS]
+    async with serving(app) as client:
+        for _ in range(3):
+            assert await (await client.get(url(key))).read() == data
+        assert (await client.get(url(key), headers={"If-None-Match": f'"{key}"'})).status == 304
+        assert (stats.opened, stats.hashed) == (1, 1)  # opened and hashed once, then served open
+
+        tmp = path.with_suffix(".new")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # the same bytes in a new file: the open one is no longer the path's
+        assert await (await client.get(url(key))).read() == data
+        assert (stats.opened, stats.hashed) == (2, 2)
+
+        os.link(path, path.with_suffix(".link"))  # a second name: its state changed, check again
+        assert await (await client.get(url(key))).read() == data
+        assert (stats.opened, stats.hashed) == (3, 3)
+
+        path.unlink()
+        path.with_suffix(".link").unlink()
+        assert (await client.get(url(key))).status == 404  # though a descriptor was open
+        assert (await client.get(url(key), headers={"If-None-Match": f'"{key}"'})).status == 404
+
+
+async def test_a_file_evicted_from_the_cache_mid_response_is_served_whole(store):
+    big = write_big_blob(store.root, 32 * MIB)
+    small = [write_blob(store, os.urandom(2000)) for _ in range(3)]
+    app = make_image_app(store, open_files=1)
+    stats = app[IMAGE_STATS]
+    async with serving(app) as client:
+        resp = await client.get(url(big))
+        first = await resp.content.readexactly(1000)
+        for key in small:  # each evicts the one before, the big one first, while it streams
+            assert hashlib.sha256(await (await client.get(url(key))).read()).hexdigest() == key
+        assert hashlib.sha256(first + await resp.read()).hexdigest() == big
+        opened = stats.opened
+        assert (await client.get(url(small[-1]))).status == 200  # the one still cached
+        assert (await client.get(url(small[0]))).status == 200  # evicted: opened again
+        assert stats.opened == opened + 1
+    with pytest.raises(ValueError):
+        make_image_app(store, open_files=0)
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+async def test_whole_files_and_ranges_by_sendfile_and_by_streaming(store, sendfile):
+    key = write_big_blob(store.root, 3 * MIB + 12345)
+    data = store.path_for(key).read_bytes()
+    async with serving(make_image_app(store, sendfile=sendfile, chunk_bytes=100_000)) as client:
+        assert await (await client.get(url(key))).read() == data
+        resp = await client.get(url(key), headers={"Range": "bytes=1000000-2500000"})
+        assert resp.status == 206 and await resp.read() == data[1_000_000:2_500_001]
+        many = await asyncio.gather(*(client.get(url(key)) for _ in range(8)))
+        assert [await r.read() for r in many] == [data] * 8
 
 
 # ---- the bound on concurrent streams -------------------------------------------------------
