@@ -1,14 +1,18 @@
 """The HTTP server that gives every stored image a stable public URL.
 
 Images are never buffered whole: on a plain TCP transport the kernel sends the verified, open
-file itself (sendfile(2), corked with the headers, in pieces each under the stall timeout); otherwise (TLS) each response
-reads its file in `chunk_bytes` pieces on a small thread pool and writes each with back-pressure,
-so a slow client holds about one chunk of memory however large the image. At most `max_streams` responses of files of `small_file_bytes`
-or more stream at once; the others wait for a slot holding nothing (not even an open file).
+file itself (sendfile(2): what the socket takes at once straight from the handler, the rest
+through the loop as the client drains it, in pieces each under the stall timeout); otherwise
+(TLS) each response reads its file in `chunk_bytes` pieces on a small thread pool and writes each
+with back-pressure, so a slow client holds about one chunk of memory however large the image. At
+most `max_streams` responses of files of `small_file_bytes` or more stream at once; the others
+wait for a slot holding nothing (not even an open file).
 
 The ETag is the content key (the sha256 of the bytes), so before a file is served under it the
-first time, and again whenever its stat (device, inode, size, mtime, ctime) changes, it is hashed
-(streamed, off the event loop); a file whose bytes no longer hash to its key is refused with 500.
+first time, and again whenever its stat (device, inode, size, mtime, ctime, links) changes, it is
+hashed (streamed, off the event loop); a file whose bytes no longer hash to its key is refused
+with 500. Verified files stay open between requests (up to `open_files`), so serving one again
+takes an fstat of its descriptor, not a path lookup on a thread.
 """
 from __future__ import annotations
 
@@ -297,14 +301,7 @@ class _OpenFiles:
             self._evict(name)
 
 
-def _cork(sock: Any, on: bool) -> None:
-    """TCP_CORK (Linux): the headers and the file leave in full segments, as nginx's
-    tcp_nopush does, instead of a small packet for the headers and one per partial send."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
-
-
-_TCP_CORK = getattr(socket, "TCP_CORK", None)
+_TCP = (socket.AF_INET, socket.AF_INET6)
 _NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}  # the kernel cannot, for this pair
 
 
@@ -438,11 +435,8 @@ class _ImageApp:
         resp.content_length = stop - start
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None and not head else None
-        direct = (self.sendfile_ok and sock is not None and _TCP_CORK is not None
-                  and sock.family in (socket.AF_INET, socket.AF_INET6)
+        direct = (self.sendfile_ok and sock is not None and sock.family in _TCP
                   and transport.get_extra_info("sslcontext") is None)
-        if direct:
-            _cork(sock, True)
         try:
             await resp.prepare(request)
             if head:
@@ -464,9 +458,6 @@ class _ImageApp:
         except (ConnectionError, RuntimeError):  # the client went away; its transport is closing
             if request.transport is not None:
                 request.transport.abort()
-        finally:
-            if direct:
-                _cork(sock, False)
         return resp
 
     async def _send_file(self, request: web.Request, resp: web.StreamResponse, sock: Any,
