@@ -48,6 +48,16 @@ class SystemClock:
 
 
 @dataclass(frozen=True)
+class Reload:
+    """What a reload built from new settings, ready to apply (App.prepare_reload)."""
+
+    settings: Settings
+    changed: list[str]  # "section.key"
+    router: Router | None  # None: the generators and routing are unchanged
+    prompts: PromptScreen
+
+
+@dataclass(frozen=True)
 class Overrides:
     """Seams for tests and benchmarks; None keeps what the settings say."""
 
@@ -90,10 +100,24 @@ class App:
             job_timeout_s=self.service.policy.job_timeout_s,
         )
 
+    def prepare_reload(self, new: Settings) -> Reload:
+        """Build what `new` needs (blocking: generators are made and asked for their models,
+        which may ask servers; the prompt screen may load a model), so that a reload can build
+        in a thread and `apply` on the loop. Raises ConfigError, changing nothing."""
+        changed = _changed(self.settings.model_dump(), new.model_dump())
+        router = None
+        if any(key.startswith(("generators.", "routing.")) for key in changed):
+            router = build_router(new, build_generators(new), on_failure=self.metrics.provider_failed)
+        return Reload(new, changed, router, build_prompt_screen(new))
+
     def reload(self, new: Settings) -> list[str]:
+        """`prepare_reload` and `apply` in one (blocking)."""
+        return self.apply(self.prepare_reload(new))
+
+    def apply(self, prepared: Reload) -> list[str]:
         """Apply what can change without a restart (budgets, limits, moderation rules, prompts);
         returns what changed, as "section.key" (with "(needs a restart)" for the rest)."""
-        changed = _changed(self.settings.model_dump(), new.model_dump())
+        new = prepared.settings
         live = (
             "budget.",
             "generators.",
@@ -114,17 +138,16 @@ class App:
         self.budgets.policy = self.metrics.policy = policy
         service.admission.max_requests_per_user = policy.max_requests_per_user
         self.ledger.terms = terms_from(new)
-        self.screening.prompts = build_prompt_screen(new)
-        if any(key.startswith(("generators.", "routing.")) for key in changed):
-            self._swap_router(new)
+        self.screening.prompts = prepared.prompts
+        if prepared.router is not None:
+            self._swap_router(prepared.router)
             service.admission.set_limits({**queue_limits(new), **self.queue_overrides})
         self.settings = new
-        return [key if key.startswith(live) else f"{key} (needs a restart)" for key in changed]
+        return [key if key.startswith(live) else f"{key} (needs a restart)" for key in prepared.changed]
 
-    def _swap_router(self, new: Settings) -> None:
-        """The model list and routing, rebuilt; jobs in flight finish on the old generators,
+    def _swap_router(self, router: Router) -> None:
+        """The model list and routing, replaced; jobs in flight finish on the old generators,
         which `close_retired` closes once nothing runs."""
-        router = build_router(new, build_generators(new), on_failure=self.metrics.provider_failed)
         service = self.service
         self.retired.append(self.router)
         self.router = service.router = service.planner.router = service.billing.router = router

@@ -3,10 +3,12 @@ format), /healthz and /readyz under a broken database, storage that cannot be wr
 usable generator and a disconnected bot, and the structured log lines with secrets masked."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import shutil
+import time
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -193,6 +195,45 @@ async def test_a_reload_applies_budgets_limits_and_rules_and_names_what_needs_a_
     text = log_stream.getvalue()
     assert "settings reloaded from" in text and "server.port (needs a restart)" in text
     assert "settings not reloaded (nothing changed)" in text and "budgett" in text
+
+
+async def test_a_reload_builds_its_generators_off_the_event_loop(tmp_path, log_stream):
+    """An A1111 server slow to list its checkpoints holds up the reload, not the bot."""
+    from bot.config import load_settings
+    from bot.discord.client import reload_settings
+    from tests.fakes.a1111_server import FakeA1111
+    from tests.helpers import write_config
+
+    config = tmp_path / "easel.toml"
+    tables = {"storage": {"database": "easel.db", "images_dir": "images"},
+              "moderation": {"image_classifier": "none"}, "generators.local.models": {"tiny": "tiny"}}
+    write_config(config, tables)
+    app = start_app(load_settings(str(config)))
+    with FakeA1111() as server:
+        server.list_delay_s = 1.0
+        try:
+            write_config(config, {**tables, "generators.a1111": {"servers": [server.base_url]}})
+            gaps, stop = [], asyncio.Event()
+
+            async def tick() -> None:
+                last = time.monotonic()
+                while not stop.is_set():
+                    await asyncio.sleep(0.01)
+                    now = time.monotonic()
+                    gaps.append(now - last)
+                    last = now
+
+            ticker = asyncio.create_task(tick())
+            started = time.monotonic()
+            changed = await reload_settings(app)
+            took = time.monotonic() - started
+            stop.set()
+            await ticker
+            assert changed == ["generators.a1111.servers"]
+            assert any(s.provider == "a1111" for s in app.router.models())  # it waited for the list
+            assert took >= 1.0 and max(gaps) < 0.5  # the loop went on meanwhile
+        finally:
+            await app.close()
 
 
 async def test_a_reload_that_changes_the_model_list_swaps_the_router(tmp_path, log_stream):

@@ -109,10 +109,13 @@ async def reload_settings(app: App) -> list[str] | None:
         log.error("settings not reloaded (nothing changed): %s", exc)
         return None
     try:
-        changed = app.reload(new)
+        # Built off the loop: generators may ask their servers for models (A1111 waits up to
+        # seconds for a slow one) or read workflow files, the prompt screen may load a model.
+        prepared = await asyncio.to_thread(app.prepare_reload, new)
     except ConfigError as exc:  # a generator that cannot be built from the new settings
         log.error("settings not reloaded (nothing changed): %s", exc)
         return None
+    changed = app.apply(prepared)
     asyncio.ensure_future(app.close_retired(app.settings.generation.job_timeout_s))
     log.info("settings reloaded from %s: %s", source or "the environment", ", ".join(changed) or "nothing changed")
     return changed

@@ -56,6 +56,7 @@ class FakeA1111:
         self.requests: list[Call] = []
         self.busy_jobs = 0
         self.step_delay_s = 0.0
+        self.list_delay_s = 0.0  # before answering /sd-models (a slow server at discovery)
         self.die_after_steps: int | None = None
         self.fail_with: str | None = None
         self.down = False
@@ -99,10 +100,14 @@ class FakeA1111:
         self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
+    async def _models(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.list_delay_s)
+        return web.json_response(self.checkpoints)
+
     async def _start(self) -> None:
         self._lock = asyncio.Lock()
         app = web.Application(middlewares=[self._record], client_max_size=64 * 2**20)
-        app.router.add_get("/sdapi/v1/sd-models", lambda r: web.json_response(self.checkpoints))
+        app.router.add_get("/sdapi/v1/sd-models", self._models)
         app.router.add_get("/sdapi/v1/samplers", lambda r: web.json_response(
             [{"name": n, "aliases": [f"k_{n.lower().replace(' ', '_')}"], "options": {}} for n in SAMPLERS]))
         app.router.add_get("/sdapi/v1/progress", self._progress)
