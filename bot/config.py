@@ -525,6 +525,12 @@ class A1111Settings(_Section):
         }
 
 
+def _at_least_a_batch(value: int, info: Any) -> int:
+    if value < info.data.get("max_batch_size", 1):
+        raise PydanticCustomError(_RULE, "must be at least max_batch_size (or a batch could never fill)")
+    return value
+
+
 def _max_at_least_min(value: int, info: Any) -> int:
     if value < info.data.get("min_replicas", 0):
         raise PydanticCustomError(_RULE, "must be at least min_replicas")
@@ -559,6 +565,10 @@ class ClusterSettings(_Section):
     # merges into one batch, and how long it waits for them.
     max_batch_size: Annotated[Int, _rule(lambda v: 1 <= v <= 64, "must be 1-64")] = 4
     batch_wait_timeout_s: Annotated[Number, _rule(lambda v: 0 <= v <= 10, "must be 0-10 (seconds)")] = 0.05
+    # Requests a replica holds at once (in its batches and queued there); more wait at the front
+    # end for a replica with room, so a busy replica does not queue work an idle one could run.
+    max_ongoing_requests: Annotated[Int, _rule(lambda v: 1 <= v <= 1000, "must be 1-1000"),
+                                    AfterValidator(_at_least_a_batch)] = 8
     timeout_s: Seconds = 600.0
     max_concurrent: Concurrency = 8  # jobs this front end sends the pool at once
     local_cpus: Annotated[Int, _NOT_NEGATIVE] = 0  # address = "local": CPUs Ray may use; 0: all
@@ -574,7 +584,8 @@ class ClusterSettings(_Section):
         options = {"num_gpus": 0.0 if local_mode else self.num_gpus, "num_cpus": self.num_cpus,
                    "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                    "target_ongoing_requests": self.target_ongoing_requests,
-                   "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s}
+                   "max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s,
+                   "max_ongoing_requests": self.max_ongoing_requests}
         return {"generator_kwargs": kwargs, "options": options}
 
     def generator_kwargs(self, settings: Settings) -> dict[str, Any] | None:

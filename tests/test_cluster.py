@@ -35,7 +35,9 @@ def _settings(tmp, **cluster):
         "generators": {
             "local": {"models": {"tiny": "tiny"}, "steps": 2, "device": "cpu"},
             "cluster": {"address": "local", "models": {MODEL: "tiny"}, "min_replicas": 2, "max_replicas": 2,
-                        "num_cpus": 0.5, "local_cpus": 2, "batch_wait_timeout_s": 0.3, **cluster},
+                        "num_cpus": 0.5, "local_cpus": 2, "batch_wait_timeout_s": 0.3,
+                        # A replica holds one batch: eight jobs at once need both replicas.
+                        "max_ongoing_requests": 4, **cluster},
         },
     })
 

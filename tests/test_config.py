@@ -126,6 +126,8 @@ def test_a_partial_table_keeps_the_other_defaults(monkeypatch):
     ({"moderation": {"prompt_rules": {"x": {"terms": ["a", 2]}}}}, "'moderation.prompt_rules.x.terms[1]' must be a string"),
     ({"routing": {"fallbacks": {"a": 1}}}, "'routing.fallbacks.a' must be a string"),
     ({"_env_file": ".env"}, "unknown key '_env_file'"),
+    ({"generators": {"cluster": {"max_batch_size": 8, "max_ongoing_requests": 4}}},
+     "'generators.cluster.max_ongoing_requests' must be at least max_batch_size"),
 ])
 def test_more_bad_settings(data, message):
     with pytest.raises(ConfigError) as err:
