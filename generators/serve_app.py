@@ -92,6 +92,7 @@ class _Load:
     cancelled: int = 0
     batches: dict[int, int] = field(default_factory=dict)  # batch size -> batches of that size
     at: float = 0.0
+    seq: int = 0  # this replica's reports in order: they may arrive out of it
 
 
 @serve.deployment
@@ -172,6 +173,7 @@ class ModelReplica:
     def _count(self, what: str, change: int) -> None:
         setattr(self._load, what, getattr(self._load, what) + change)
         self._load.at = time.time()
+        self._load.seq += 1
         if self._pool is None:
             self._pool = serve.get_deployment_handle(POOL, self._app)
         self._pool.report.remote(asdict(self._load))  # not awaited: the pool's view may lag
@@ -229,7 +231,11 @@ class Pool:
         self._reports: dict[str, dict[str, Any]] = {}
 
     async def report(self, load: dict[str, Any]) -> None:
-        self._reports[load["replica"]] = load
+        """Keep a replica's newest report: calls not awaited may be delivered out of order, and
+        an older one must not bring back a job that has ended."""
+        kept = self._reports.get(load["replica"])
+        if kept is None or load["seq"] > kept["seq"]:
+            self._reports[load["replica"]] = load
 
     async def snapshot(self) -> dict[str, Any]:
         return {"models": sorted(self._models), "replicas": list(self._reports.values())}
