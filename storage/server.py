@@ -364,30 +364,34 @@ class _ImageApp:
             return web.Response(status=304, headers=headers)
         head = request.method == "HEAD"
         if cached is not None and (head or cached.sig.size < self.small_file_bytes):
-            try:
-                return await self._respond(request, name, cached, headers, head)
-            finally:
-                self.open_files.give_back(cached)
-        if cached is not None:
-            self.open_files.give_back(cached)
+            return await self._respond_and_give_back(request, name, cached, headers, head)
         path = self.store.path_for(key, ext)
-        fd, sig = await self._opened(path)  # one hop: opened, and its stat
-        if _matches(request.if_none_match, key):
-            os.close(fd)  # a regular local file: close does not wait on the disk
-            return web.Response(status=304, headers=headers)
-        bounded = not head and sig.size >= self.small_file_bytes
-        if bounded:
-            os.close(fd)  # waiting for a slot holds nothing, not even an open file
-        async with self._slot(bounded):
-            entry = self.open_files.take(name) if bounded else None
-            if entry is None:
-                if bounded:
-                    fd, sig = await self._opened(path)
+        if cached is None:
+            fd, sig = await self._opened(path)  # one hop: opened, and its stat
+            if _matches(request.if_none_match, key):
+                os.close(fd)  # a regular local file: close does not wait on the disk
+                return web.Response(status=304, headers=headers)
+            if head or sig.size < self.small_file_bytes:
                 entry = await self._verified(name, path, fd, sig)
-            try:
-                return await self._respond(request, name, entry, headers, head)
-            finally:
-                self.open_files.give_back(entry)
+                return await self._respond_and_give_back(request, name, entry, headers, head)
+            os.close(fd)
+        else:
+            self.open_files.give_back(cached)
+        # A large file: waiting for a slot holds nothing, not even a use of the cached file.
+        async with self._slot(True):
+            entry = self.open_files.take(name)
+            if entry is None:
+                fd, sig = await self._opened(path)
+                entry = await self._verified(name, path, fd, sig)
+            return await self._respond_and_give_back(request, name, entry, headers, head)
+
+    async def _respond_and_give_back(self, request: web.Request, name: tuple[str, str],
+                                     entry: _OpenFile, headers: dict[str, str],
+                                     head: bool) -> web.StreamResponse:
+        try:
+            return await self._respond(request, name, entry, headers, head)
+        finally:
+            self.open_files.give_back(entry)
 
     async def _opened(self, path: Path) -> tuple[int, _Sig]:
         self.stats.opened += 1

@@ -472,12 +472,16 @@ async def test_a_file_evicted_from_the_cache_mid_response_is_served_whole(store)
 async def test_whole_files_and_ranges_by_sendfile_and_by_streaming(store, sendfile):
     key = write_big_blob(store.root, 3 * MIB + 12345)
     data = store.path_for(key).read_bytes()
-    async with serving(make_image_app(store, sendfile=sendfile, chunk_bytes=100_000)) as client:
+    app = make_image_app(store, sendfile=sendfile, chunk_bytes=100_000)
+    async with serving(app) as client:
         assert await (await client.get(url(key))).read() == data
         resp = await client.get(url(key), headers={"Range": "bytes=1000000-2500000"})
         assert resp.status == 206 and await resp.read() == data[1_000_000:2_500_001]
         many = await asyncio.gather(*(client.get(url(key)) for _ in range(8)))
         assert [await r.read() for r in many] == [data] * 8
+    # The first request opens it twice (to learn its size, then again with a stream slot); the
+    # other nine use the open file.
+    assert app[IMAGE_STATS].opened == 2
 
 
 # ---- the bound on concurrent streams -------------------------------------------------------
