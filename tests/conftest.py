@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -14,3 +15,21 @@ async def fake() -> AsyncIterator[FakeDiscord]:
     async with FakeDiscord() as server:
         with server.patch_discord_py():
             yield server
+
+
+@pytest.fixture
+async def make_bot(fake: FakeDiscord, tmp_path) -> AsyncIterator[Any]:
+    """Starts bots against `fake` (tests.discord_helpers.BotStarter), all closed afterwards."""
+    from tests.discord_helpers import BotStarter  # discord.py: only for the tests that use it
+
+    starter = BotStarter(fake, tmp_path)
+    yield starter
+    await starter.close_all()
+
+
+@pytest.fixture
+async def bob(fake: FakeDiscord):
+    """A second plain member (alice is fake.user)."""
+    user = fake.add_user("bob")
+    fake.add_member(fake.guild, user)
+    return user

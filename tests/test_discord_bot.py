@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from tests.discord_helpers import (  # noqa: E402
     ALLOWANCE_MICROS,
     PRICE_MICROS,
     RESULT_REACTIONS,
-    BotStarter,
     FixedSizeGenerator,
     NsfwChannelsOnlyScreen,
     RunningBot,
@@ -50,21 +48,6 @@ from tests.fakes.providers import FakeOpenAI  # noqa: E402
 from tests.helpers import pixels, write_workspace_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def bob(fake: FakeDiscord):
-    """A second plain member (alice is fake.user)."""
-    user = fake.add_user("bob")
-    fake.add_member(fake.guild, user)
-    return user
-
-
-@pytest.fixture
-async def make_bot(fake: FakeDiscord, tmp_path) -> AsyncIterator[BotStarter]:
-    starter = BotStarter(fake, tmp_path)
-    yield starter
-    await starter.close_all()
 
 
 async def imagine_like(bot: RunningBot, command: str, options: dict, **kwargs):

@@ -3,15 +3,12 @@ per image and reroll all, Vary (Subtle/Strong), 📋 Details (button and context
 modal, message context menus, and grid buttons after a restart."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 discord = pytest.importorskip("discord")
 
 from tests.discord_helpers import (  # noqa: E402
     PRICE_MICROS,
-    BotStarter,
     RunningBot,
     decoded,
     eventually,
@@ -19,23 +16,9 @@ from tests.discord_helpers import (  # noqa: E402
     labels,
     result_of,
 )
-from tests.fakes.discord_server import EPHEMERAL, FakeDiscord  # noqa: E402
+from tests.fakes.discord_server import EPHEMERAL  # noqa: E402
 from tests.fakes.generators import png_bytes  # noqa: E402
 from tests.helpers import pixels  # noqa: E402
-
-
-@pytest.fixture
-async def make_bot(fake: FakeDiscord, tmp_path) -> AsyncIterator[BotStarter]:
-    starter = BotStarter(fake, tmp_path)
-    yield starter
-    await starter.close_all()
-
-
-@pytest.fixture
-async def bob(fake: FakeDiscord):
-    user = fake.add_user("bob")
-    fake.add_member(fake.guild, user)
-    return user
 
 
 async def grid_of_four(bot: RunningBot):

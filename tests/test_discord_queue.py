@@ -4,7 +4,6 @@ from recent generation times, /queue for members and admins, and /help."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -12,7 +11,6 @@ discord = pytest.importorskip("discord")
 
 from tests.discord_helpers import (  # noqa: E402
     ALLOWANCE_MICROS,
-    BotStarter,
     SteppingGenerator,
     button_ids,
     eventually,
@@ -23,13 +21,6 @@ from tests.discord_helpers import (  # noqa: E402
 from tests.fakes.discord_server import FakeDiscord  # noqa: E402
 
 CANCELLED = "\u274c Cancelled. Nothing was charged."
-
-
-@pytest.fixture
-async def make_bot(fake: FakeDiscord, tmp_path) -> AsyncIterator[BotStarter]:
-    starter = BotStarter(fake, tmp_path)
-    yield starter
-    await starter.close_all()
 
 
 @pytest.fixture
