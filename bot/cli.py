@@ -877,10 +877,10 @@ def _doctor_public_url(settings, timeout_s: float = 2.0):
 
 
 def _serve(settings, args) -> int:
-    from aiohttp import web
+    import signal
 
     from .config import listen_error
-    from .http import make_http_app
+    from .http import make_http_app, start_http
 
     _logs(settings)
     app = _app(settings)
@@ -891,11 +891,23 @@ def _serve(settings, args) -> int:
 
     http.on_cleanup.append(close)
     print(f"serving {getattr(app.blobs, 'root', None) or app.blobs.where} at http://{settings.server.host}:{settings.server.port}/images/ "
-          f"(and /healthz, /readyz, /metrics)")
+          f"(and /healthz, /readyz, /metrics)", flush=True)
+
+    async def serve() -> None:
+        runner = await start_http(http, settings.server.host, settings.server.port,
+                                  access_log=settings.server.access_log)
+        _start_notes(app)  # once it listens: not before a failed bind
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
     try:
-        # run_app "prints" once it listens: the start-up notes then, not before a failed bind.
-        web.run_app(http, host=settings.server.host, port=settings.server.port, print=lambda _: _start_notes(app),
-                    **({} if settings.server.access_log else {"access_log": None}))
+        asyncio.run(serve())
     except OSError as exc:  # the address is in use, or the host does not resolve
         asyncio.run(app.close())
         return _fail(str(listen_error(settings, exc)), EXIT_USAGE)

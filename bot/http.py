@@ -9,6 +9,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from storage.blobs import LocalBlobStore
+from storage.image_site import ImageSite
 from storage.server import make_image_app
 
 from .bootstrap import App
@@ -40,6 +41,20 @@ def make_http_app(app: App, *, discord_ready: Callable[[], bool] | None = None) 
     http.router.add_get("/readyz", ready)
     add_gallery_routes(http, app)
     return http
+
+
+async def start_http(http: web.Application, host: str, port: int, *, access_log: bool) -> web.AppRunner:
+    """`http` listening on host:port, its images on storage.image_site's fast path; its runner
+    (cleaning it up stops the server and runs the app's cleanup). Raises OSError where it cannot
+    listen, after cleaning up."""
+    runner = web.AppRunner(http, **({} if access_log else {"access_log": None}))
+    await runner.setup()
+    try:
+        await ImageSite(runner, host, port, access_log=access_log).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
 
 
 def readiness(app: App) -> dict[str, dict[str, object]]:

@@ -69,6 +69,7 @@ class ImageServerStats:
     opened: int = 0  # files opened by path (a request the open-file cache could not answer)
     hashed: int = 0  # verifications run (a file's bytes hashed)
     damaged: int = 0  # verifications that found the bytes no longer match the key
+    fast: int = 0  # requests answered on storage.image_site's fast path
 
 
 IMAGE_STATS = web.AppKey("image_stats", ImageServerStats)
@@ -530,6 +531,9 @@ class _ImageApp:
         self.open_files.close()
 
 
+IMAGE_APP = web.AppKey("image_app", _ImageApp)  # for storage.image_site's fast path
+
+
 async def _health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
@@ -549,6 +553,7 @@ def make_image_app(store: LocalBlobStore, *, max_streams: int = MAX_STREAMS,
                        open_files=open_files, stall_timeout_s=stall_timeout_s, sendfile=sendfile)
     app = web.Application(handler_args={"logger": _ServerLog(server_logger, {})})
     app[IMAGE_STATS] = images.stats
+    app[IMAGE_APP] = images
     app.on_cleanup.append(images.shut)
     app.router.add_get(r"/images/{key}.{ext}", images.image)
     app.router.add_get("/healthz", _health)

@@ -141,9 +141,7 @@ async def ask_gateway(api_base: str, token: str) -> str:
 
 async def serve(settings: Settings, app: App, *, stop: asyncio.Event | None = None) -> None:
     """Run the bot and the image server until `stop` is set (or SIGINT/SIGTERM)."""
-    from aiohttp import web
-
-    from ..http import make_http_app
+    from ..http import make_http_app, start_http
 
     token = settings.discord.token()
     if token is None:
@@ -166,13 +164,11 @@ async def serve(settings: Settings, app: App, *, stop: asyncio.Event | None = No
     except (NotImplementedError, RuntimeError, AttributeError):
         pass
     client = make_client(app, settings.discord)
-    runner = web.AppRunner(make_http_app(app, discord_ready=lambda: client.is_ready() and not client.is_closed()),
-                           **({} if settings.server.access_log else {"access_log": None}))
-    await runner.setup()
+    http = make_http_app(app, discord_ready=lambda: client.is_ready() and not client.is_closed())
     try:
-        await web.TCPSite(runner, settings.server.host, settings.server.port).start()
+        runner = await start_http(http, settings.server.host, settings.server.port,
+                                  access_log=settings.server.access_log)
     except OSError as exc:  # the address is in use, or the host does not resolve
-        await runner.cleanup()
         raise listen_error(settings, exc) from None
     bot = asyncio.create_task(client.start(token))
     waiter = asyncio.create_task(stop.wait())
