@@ -190,11 +190,15 @@ class _Connection(asyncio.Protocol):
             return bool(handler.eof_received())
         return True if self._busy else None  # finish the response under way, then close
 
-    def close(self) -> None:
-        """Close when idle, or once the response under way has gone out (shutting down)."""
+    def close(self) -> asyncio.Future[None] | None:
+        """Close now when idle, else once the response under way has gone out: then the task
+        sending it (shutting down)."""
         self._closing = True
-        if not self._busy and self._transport is not None:
+        if self._busy:
+            return self._task
+        if self._transport is not None:
             self._transport.close()
+        return None
 
     def _drop_sock(self) -> None:
         if self._sock is not None:
@@ -278,8 +282,8 @@ class _Connection(asyncio.Protocol):
         head = _HEAD % (status, _TYPES[ask.ext], ask.key, length, self._site.date(),
                         b"Connection: close\r\n" if close else b"")
         self._write_head(transport, head, more=bool(body) and not ask.head)
-        if self._site.access_log:
-            self._log(ask, status, 0 if ask.head else body)
+        if self._site.access_log:  # %b: the bytes of the response, its head included
+            self._log(ask, status, len(head) + (0 if ask.head else body))
         if ask.head or not body:
             images.open_files.give_back(entry)
             self._done(close)
@@ -293,6 +297,7 @@ class _Connection(asyncio.Protocol):
             self._done(close)
             return
         self._busy = True
+        images.stats.fast_waited += 1
         self._task = asyncio.ensure_future(self._send_rest(transport, name, entry, pos, size, close))
 
     def _write_head(self, transport: asyncio.Transport, head: bytes, more: bool) -> None:
@@ -426,6 +431,10 @@ class ImageSite(web.TCPSite):
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
 
     async def stop(self) -> None:
-        await super().stop()  # no new connections; aiohttp's close as aiohttp closes them
-        for conn in list(self.connections):
-            conn.close()
+        """No new connections; idle ones closed; responses under way finished (each within the
+        stall timeout, as aiohttp lets its own finish). aiohttp's connections close as aiohttp
+        closes them."""
+        await super().stop()
+        sending = [t for t in (conn.close() for conn in list(self.connections)) if t is not None]
+        if sending:
+            await asyncio.wait(sending, timeout=self.images.stall_timeout_s)
