@@ -1,15 +1,18 @@
 """The image server and the gallery under wrk, against nginx on the same machine.
 
-Starts `easel serve` in its own process (the HTTP app with the gallery, as deployed) on a fresh
-data folder holding a 600 KB PNG and a member's 24 public images, and nginx (a temporary config,
-`worker_processes` as given, default 1: one process against one) serving the same image file and a
-saved copy of the image's gallery page, both up at once. Then `wrk -t2 -c200 -d10s` runs, one
-server at a time, against the image in rounds (nginx, then easel, `--rounds` times), and against
-the gallery pages (`/i/<sha256>`, `/u/<id>`) on easel and the saved page on nginx. Prints each
-round, requests/s, errors and the ratios easel/nginx. Target: the image at 0.8x nginx or better,
-as the median of the rounds' ratios.
+Starts `easel serve` in its own process (the HTTP app with the gallery, listening through
+storage.image_site's fast path, as deployed) on a fresh data folder holding a 600 KB PNG and a
+member's 24 public images, and nginx (a temporary config, `worker_processes` as given, default 1:
+one process against one) serving the same image file and a saved copy of the image's gallery
+page, both up at once. Then `wrk -t2 -c200 -d10s` runs, one server at a time, against the image
+in rounds (nginx, then easel, `--rounds` times), and against the gallery pages (`/i/<sha256>`,
+`/u/<id>`) on easel and the saved page on nginx. Prints each round, requests/s, errors and the
+ratios easel/nginx. Target: the image at 0.8x nginx or better, as the median of the rounds'
+ratios. Neither server logs requests, unless `--access-log` turns both servers' on (easel's
+default settings have it on).
 
-    python -m bench.gallery_wrk [--duration 10] [--rounds 5] [--connections 200] [--threads 2] [--json]
+    python -m bench.gallery_wrk [--duration 10] [--rounds 5] [--connections 200] [--threads 2]
+                                [--access-log] [--json]
 
 Needs Debian's `wrk` and `nginx` on the PATH.
 """
@@ -105,7 +108,7 @@ def running(cmd: list[str], url: str, log_path: Path, **kwargs):
             proc.wait()
 
 
-def nginx_config(root: Path, port: int, workers: int) -> str:
+def nginx_config(root: Path, port: int, workers: int, access_log: bool = False) -> str:
     user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""  # else workers run as nobody
     temps = " ".join(f"{kind}_temp_path {root}/tmp-{kind};" for kind in
                      ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -116,7 +119,7 @@ pid {root}/nginx.pid;
 error_log {root}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    {f"access_log {root}/access.log;" if access_log else "access_log off;"}
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -145,7 +148,8 @@ def wrk(url: str, threads: int, connections: int, duration: int) -> dict[str, fl
     return {"rps": rps, "errors": errors}
 
 
-def bench(duration: int, connections: int, threads: int, workers: int, rounds: int) -> dict:
+def bench(duration: int, connections: int, threads: int, workers: int, rounds: int,
+          access_log: bool = False) -> dict:
     """Both servers up side by side (idle while the other is measured), then `rounds` rounds,
     each a run on nginx's image and one on easel's, one right after the other: this machine's
     throughput drifts by tens of percent from minute to minute, and a ratio of two runs seconds
@@ -164,10 +168,11 @@ def bench(duration: int, connections: int, threads: int, workers: int, rounds: i
         (root / "www" / "i").mkdir()
         os.link(stored, root / "www" / "images" / f"{key}.png")  # the same file
         nginx_port = free_port()
-        (root / "nginx.conf").write_text(nginx_config(root, nginx_port, workers))
+        (root / "nginx.conf").write_text(nginx_config(root, nginx_port, workers, access_log))
         nginx = f"http://127.0.0.1:{nginx_port}"
-        # Like for like: nginx logs no access here either.
-        env = {**os.environ, "EASEL_CONFIG": str(root / "easel" / "easel.toml"), "EASEL_SERVER__ACCESS_LOG": "false"}
+        # Like for like: both log each request, or neither does.
+        env = {**os.environ, "EASEL_CONFIG": str(root / "easel" / "easel.toml"),
+               "EASEL_SERVER__ACCESS_LOG": str(access_log).lower()}
         with running([sys.executable, "-m", "bot.cli", "serve"], easel + "/healthz", root / "easel.log",
                      env=env, cwd=ROOT), \
              running(["nginx", "-p", str(root), "-c", str(root / "nginx.conf")], nginx + paths["image"],
@@ -204,13 +209,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nginx-workers", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="image runs on each server, interleaved (default 5)")
+    parser.add_argument("--access-log", action="store_true", help="both servers log each request (to a file)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
             print(f"{tool} is not installed (apt-get install {tool})", file=sys.stderr)
             return 2
-    report = bench(args.duration, args.connections, args.threads, args.nginx_workers, args.rounds)
+    report = bench(args.duration, args.connections, args.threads, args.nginx_workers, args.rounds, args.access_log)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

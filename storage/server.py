@@ -13,6 +13,10 @@ first time, and again whenever its stat (device, inode, size, mtime, ctime, link
 hashed (streamed, off the event loop); a file whose bytes no longer hash to its key is refused
 with 500. Verified files stay open between requests (up to `open_files`), so serving one again
 takes an fstat of its descriptor, not a path lookup on a thread.
+
+Listening through storage.image_site.ImageSite (as `easel serve` and `easel run` do), the plain
+GETs of small files already open here are answered before aiohttp sees them, from the same open,
+verified files; everything else comes here.
 """
 from __future__ import annotations
 
