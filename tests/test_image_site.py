@@ -159,6 +159,8 @@ async def test_the_fast_path_answers_as_aiohttp_does(store, blob, variant):
         assert served.stats.fast == 0
         async with connect(served.port) as conn:
             fast = await conn.ask(raw, head)
+            for c in served.site.connections:  # the head went out corked, and nothing stays corked
+                assert c._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
             if variant == "close":
                 assert await conn.closed()
             else:  # and the connection stays open for the next request
