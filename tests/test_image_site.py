@@ -111,6 +111,14 @@ async def aiohttp_connection(port: int) -> AsyncIterator[Conn]:
         yield conn
 
 
+async def opened(port: int, *keys: str) -> None:
+    """Each image asked for once on a connection of its own: aiohttp opens and verifies it, and
+    the fast path can answer it from then on."""
+    for key in keys:
+        async with connect(port) as conn:
+            assert (await conn.ask(request(url(key))))[0] == 200
+
+
 def without_date(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in fields if k != "Date"]
 
@@ -228,8 +236,7 @@ async def test_anything_else_is_handed_to_aiohttp_with_what_was_read(store, blob
     raw = raw.replace(b"{key}", key.encode()).replace(b"{escaped}", escaped.encode())
     raw = raw.replace(b"{upper}", key.upper().encode())
     async with site(store) as served:
-        async with connect(served.port) as conn:
-            await conn.ask(request(url(key)))  # opened and verified
+        await opened(served.port, key)
         async with connect(served.port) as conn:
             got = await conn.ask(raw)
         assert got[0] == status, got
@@ -242,9 +249,7 @@ async def test_pipelined_requests_are_answered_in_order_across_the_hand_off(stor
     key, data = blob
     small = write_blob(store, b"a small image")
     async with site(store) as served:
-        async with connect(served.port) as conn:
-            for k in (key, small):
-                await conn.ask(request(url(k)))
+        await opened(served.port, key, small)
         async with connect(served.port) as conn:
             await conn.send(request(url(key)) + request(url(small), "If-None-Match: *") + request(url(small))
                             + request("/page") + request(url(key)))
@@ -257,8 +262,7 @@ async def test_pipelined_requests_are_answered_in_order_across_the_hand_off(stor
 async def test_a_request_arriving_a_byte_at_a_time_is_answered(store, blob):
     key, data = blob
     async with site(store) as served:
-        async with connect(served.port) as conn:
-            await conn.ask(request(url(key)))
+        await opened(served.port, key)
         async with connect(served.port) as conn:
             for byte in request(url(key)):
                 await conn.send(bytes([byte]))
@@ -270,8 +274,7 @@ async def test_a_request_arriving_a_byte_at_a_time_is_answered(store, blob):
 async def test_a_request_then_a_half_close_is_answered_then_closed(store, blob):
     key, data = blob
     async with site(store) as served:
-        async with connect(served.port) as conn:
-            await conn.ask(request(url(key)))
+        await opened(served.port, key)
         async with connect(served.port) as conn:
             await conn.send(request(url(key)))
             conn.writer.write_eof()
@@ -326,9 +329,7 @@ async def test_a_slow_reader_gets_the_whole_body_and_others_are_served_meanwhile
     big = write_big_blob(store.root, 16 * MIB)
     key, data = blob
     async with site(store, small_file_bytes=32 * MIB) as served:
-        for k in (big, key):
-            async with connect(served.port) as conn:
-                await conn.ask(request(url(k)))
+        await opened(served.port, big, key)
         reader, writer = await asyncio.open_connection(sock=_small_window(served.port), limit=MIB)
         slow = Conn(reader, writer)
         await slow.send(request(url(big)) + request(url(key)))
@@ -347,8 +348,7 @@ async def test_a_stalled_reader_is_dropped_and_every_file_is_closed(store, caplo
     before = len(os.listdir("/proc/self/fd"))
     big = write_big_blob(store.root, 16 * MIB)
     async with site(store, small_file_bytes=32 * MIB, stall_timeout_s=0.5) as served:
-        async with connect(served.port) as conn:
-            await conn.ask(request(url(big)))
+        await opened(served.port, big)
         reader, writer = await asyncio.open_connection(sock=_small_window(served.port))
         with caplog.at_level(logging.INFO, logger="storage.image_site"):
             writer.write(request(url(big)))
@@ -368,8 +368,7 @@ async def test_a_stalled_reader_is_dropped_and_every_file_is_closed(store, caplo
 async def test_idle_connections_are_closed_after_the_keepalive_timeout(store, blob):
     key, data = blob
     async with site(store, keepalive_timeout=0.3) as served:
-        async with connect(served.port) as conn:
-            await conn.ask(request(url(key)))
+        await opened(served.port, key)
         async with connect(served.port) as conn:
             assert (await conn.ask(request(url(key))))[2] == data
             assert await conn.closed()
@@ -380,9 +379,7 @@ async def test_shutting_down_closes_idle_connections_and_lets_a_response_finish(
     big = write_big_blob(store.root, 16 * MIB)
     key, _ = blob
     async with site(store, small_file_bytes=32 * MIB, cleanup=False) as served:
-        for k in (big, key):
-            async with connect(served.port) as conn:
-                await conn.ask(request(url(k)))
+        await opened(served.port, big, key)
         async with connect(served.port) as idle:
             await idle.ask(request(url(key)))
             reader, writer = await asyncio.open_connection(sock=_small_window(served.port), limit=MIB)
