@@ -3,7 +3,9 @@
 A few thousand realistic prompts, 3 to 200 words: mostly innocent, some with evasions (spacing,
 punctuation, leetspeak, look-alike letters, fullwidth, stretched letters, a minor next to a
 suggestive term). Prints the median and p99 per prompt (target: median under 1 ms), in ordinary
-and age-restricted channels.
+and age-restricted channels; then the time for a 20,000-character prompt, clean and with one
+evasion in the middle (the longest a prompt can be before it is refused; no pattern may take
+time that grows faster than its length).
 
     python -m bench.moderation [--prompts 4000] [--seed 1]
 """
@@ -80,6 +82,21 @@ def main() -> None:
         print(f"{label:>22}: median {statistics.median(times) * 1e3:.3f} ms, "
               f"p99 {percentile(times, 0.99) * 1e3:.3f} ms, max {max(times) * 1e3:.3f} ms, "
               f"blocked {blocked}/{len(prompts)}")
+    long_prompts(screen)
+
+
+def long_prompts(screen: PromptScreen, length: int = 20_000) -> None:
+    filler = "an oil painting of a lighthouse at dusk, 4k, 35mm, by a master, glass, class; "
+    clean = (filler * (length // len(filler) + 1))[:length]
+    dirty = clean[: length // 2] + " n u d e " + clean[length // 2:]
+    for label, text in (("clean", clean), ("one evasion", dirty)):
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            verdict = screen.screen_prompt(text)
+            times.append(time.perf_counter() - start)
+        print(f"{length:,}-character prompt, {label}: best of 5 {min(times) * 1e3:.2f} ms "
+              f"({'allowed' if verdict.allowed else 'blocked: ' + str(verdict.rule)})")
 
 
 if __name__ == "__main__":
