@@ -40,7 +40,8 @@ from .server import _NO_SENDFILE, CACHE_CONTROL, IMAGE_APP, _ImageApp, _OpenFile
 log = logging.getLogger(__name__)
 
 KEEPALIVE_TIMEOUT_S = 3630.0  # aiohttp's own default, so both paths close idle connections alike
-_MAX_HEAD = 16 * 1024  # a request head longer than this goes to aiohttp, which answers it
+_MAX_HEAD = 8190  # aiohttp's longest line: a longer head goes to aiohttp, which applies its limits
+_MAX_FIELDS = 100  # more go to aiohttp, which takes at most 128
 _MAX_PIPELINED = 64 * 1024  # read no further ahead of the responses than this
 
 # The only requests the fast path takes. Anything else (a query, %-escapes, HTTP/1.0) is aiohttp's.
@@ -102,8 +103,11 @@ def _parse(block: bytes) -> _Ask | None:
     fields = block[line_end + 2:] + b"\r\n"
     if _FIELDS.fullmatch(fields) is None:
         return None
+    found = _FIELD.findall(fields)
+    if len(found) > _MAX_FIELDS:
+        return None
     seen: set[bytes] = set()
-    for raw_name, value in _FIELD.findall(fields):
+    for raw_name, value in found:
         name = raw_name.lower()
         if name in _NOT_FAST and not (name == b"content-length" and value == b"0"):
             return None
@@ -226,7 +230,7 @@ class _Connection(asyncio.Protocol):
                 if len(buf) > _MAX_HEAD or (self._eof and buf):
                     return self._hand_off()
                 break
-            ask = _parse(buf[:end]) if self._images.sendfile_ok else None
+            ask = _parse(buf[:end]) if end <= _MAX_HEAD and self._images.sendfile_ok else None
             if ask is None:
                 return self._hand_off()
             name = (ask.key.decode(), ask.ext.decode())

@@ -225,6 +225,9 @@ LEFT_TO_AIOHTTP = {
     "upper-case key": (request("/images/{upper}.png"), 404),
     "not HTTP": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 64 + b"\r\n\r\n", 400),
     "no colon": (request("/images/{key}.png", "no colon here"), 400),
+    "a field longer than aiohttp takes": (request("/images/{key}.png", "Cookie: " + "c" * 9000), 400),
+    "200 fields": (request("/images/{key}.png", *[f"X-{i}: v" for i in range(200)]), 400),
+    "a long head, each line short": (request("/images/{key}.png", *[f"X-{i}: {'v' * 90}" for i in range(100)]), 200),
 }
 
 
@@ -469,6 +472,8 @@ KEY = "ab" * 32
     (f"GET /images/{KEY[:-1]}.png HTTP/1.1", False),
     (f"GET /images/{KEY}.png/ HTTP/1.1", False),
     (f"OPTIONS /images/{KEY}.png HTTP/1.1", False),
+    (f"GET /images/{KEY}.png HTTP/1.1" + "".join(f"\r\nX-{i}: v" for i in range(100)), True),
+    (f"GET /images/{KEY}.png HTTP/1.1" + "".join(f"\r\nX-{i}: v" for i in range(101)), False),
 ])
 def test_the_parser_takes_only_plain_requests(block, taken):
     ask = _parse(block.encode())
