@@ -402,10 +402,13 @@ class ImageSite(web.TCPSite):
         self.aiohttp_protocol: Any = None
 
     def _fast(self) -> bool:
+        """Whether the fast path can stand in for aiohttp here: not where the app has middleware
+        or response hooks, which every response must pass through."""
         app = getattr(self._runner, "app", None)
         images = app.get(IMAGE_APP) if app is not None else None
         loop = asyncio.get_running_loop()
         if (images is None or not images.sendfile_ok or self._ssl_context is not None
+                or app.middlewares or app.on_response_prepare
                 or not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)):
             return False
         self.images = images

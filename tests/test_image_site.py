@@ -433,6 +433,43 @@ async def test_without_sendfile_the_site_is_plain_aiohttp(store, blob):
         assert served.stats.fast == 0
 
 
+@web.middleware
+async def _closed_after_opening(request: web.Request, handler):
+    """Lets the first request through (it opens the file), then refuses every one."""
+    if request.app[IMAGE_STATS].opened:
+        raise web.HTTPForbidden()
+    return await handler(request)
+
+
+async def _hook(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Hook"] = "1"
+
+
+@pytest.mark.parametrize("extra", ["middleware", "response hook"])
+async def test_an_app_with_middleware_or_response_hooks_is_plain_aiohttp(store, blob, extra):
+    key, data = blob
+    app = make_image_app(store)
+    if extra == "middleware":
+        app.middlewares.append(_closed_after_opening)
+    else:
+        app.on_response_prepare.append(_hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    s = ImageSite(runner, "127.0.0.1", 0)
+    await s.start()
+    try:
+        await opened(s.port, key)
+        async with connect(s.port) as conn:
+            status, fields, body = await conn.ask(request(url(key)))
+        if extra == "middleware":
+            assert status == 403
+        else:
+            assert (status, body) == (200, data) and ("X-Hook", "1") in fields
+        assert app[IMAGE_STATS].fast == 0
+    finally:
+        await runner.cleanup()
+
+
 async def test_an_app_without_images_is_served_by_a_plain_site():
     app = web.Application()
     app.router.add_get("/page", _page)
