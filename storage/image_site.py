@@ -43,6 +43,7 @@ KEEPALIVE_TIMEOUT_S = 3630.0  # aiohttp's own default, so both paths close idle 
 _MAX_HEAD = 8190  # aiohttp's longest line: a longer head goes to aiohttp, which applies its limits
 _MAX_FIELDS = 100  # more go to aiohttp, which takes at most 128
 _MAX_PIPELINED = 64 * 1024  # read no further ahead of the responses than this
+_CORKABLE = hasattr(socket, "TCP_CORK")  # Linux
 
 # The only requests the fast path takes. Anything else (a query, %-escapes, HTTP/1.0) is aiohttp's.
 _REQUEST_LINE = re.compile(rb"(GET|HEAD) /images/([0-9a-f]{64})\.([a-z]{3,4}) HTTP/1\.1")
@@ -95,9 +96,9 @@ def _parse(block: bytes) -> _Ask | None:
     m = _REQUEST_LINE.fullmatch(line)
     if m is None:
         return None
-    ask = _Ask(m[1] == b"HEAD", m[2], m[3], line)
     if m[3] not in _TYPES:
         return None
+    ask = _Ask(m[1] == b"HEAD", m[2], m[3], line)
     if line_end < 0:
         return ask
     fields = block[line_end + 2:] + b"\r\n"
@@ -145,7 +146,6 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._out = -1  # the socket's descriptor, for sendfile(2)
         self._sock: Any = None  # the transport's socket, for its options
-        self._corkable = hasattr(socket, "TCP_CORK")
         self._buf = b""
         self._busy = False  # a body is going out through the loop
         self._writable = True
@@ -277,7 +277,7 @@ class _Connection(asyncio.Protocol):
         close = ask.close or self._eof
         head = _HEAD % (status, _TYPES[ask.ext], ask.key, length, self._site.date(),
                         b"Connection: close\r\n" if close else b"")
-        corked = bool(body) and not ask.head and self._corkable
+        corked = bool(body) and not ask.head and _CORKABLE
         if corked:
             self._cork(True)
         transport.write(head)
