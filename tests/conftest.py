@@ -33,3 +33,11 @@ async def bob(fake: FakeDiscord):
     user = fake.add_user("bob")
     fake.add_member(fake.guild, user)
     return user
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty local blob store (the image server's tests; test_s3_store has its own)."""
+    from storage.blobs import LocalBlobStore
+
+    return LocalBlobStore(tmp_path / "images", "http://img.example")

@@ -198,11 +198,6 @@ async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
 
 
 @pytest.fixture
-def store(tmp_path) -> LocalBlobStore:
-    return LocalBlobStore(tmp_path / "images", "http://img.example")
-
-
-@pytest.fixture
 def blob(store) -> tuple[str, bytes]:
     """A 700 KB image: several chunks at chunk_bytes=64 KiB."""
     data = os.urandom(700_000)

@@ -38,21 +38,30 @@ async def _page(request: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def site(store: LocalBlobStore, *, access_log: bool = False, cleanup: bool = True,
-               keepalive_timeout: float | None = None, **app_kwargs) -> AsyncIterator[Served]:
-    """make_image_app (plus /page, standing in for the gallery) listening through ImageSite."""
-    app = make_image_app(store, **app_kwargs)
-    app.router.add_get("/page", _page)
+async def listening(app: web.Application, *, access_log: bool = False, cleanup: bool = True,
+                    keepalive_timeout: float | None = None) -> AsyncIterator[tuple[ImageSite, web.AppRunner]]:
+    """`app` listening through ImageSite on a free port, as bot.http.start_http has it."""
     runner = web.AppRunner(app, **({} if access_log else {"access_log": None}))
     await runner.setup()
     extra = {} if keepalive_timeout is None else {"keepalive_timeout": keepalive_timeout}
     s = ImageSite(runner, "127.0.0.1", 0, access_log=access_log, **extra)
     await s.start()
     try:
-        yield Served(s.port, app[IMAGE_STATS], s, runner)
+        yield s, runner
     finally:
         if cleanup:
             await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def site(store: LocalBlobStore, *, access_log: bool = False, cleanup: bool = True,
+               keepalive_timeout: float | None = None, **app_kwargs) -> AsyncIterator[Served]:
+    """make_image_app (plus /page, standing in for the gallery) listening through ImageSite."""
+    app = make_image_app(store, **app_kwargs)
+    app.router.add_get("/page", _page)
+    async with listening(app, access_log=access_log, cleanup=cleanup,
+                         keepalive_timeout=keepalive_timeout) as (s, runner):
+        yield Served(s.port, app[IMAGE_STATS], s, runner)
 
 
 def request(path: str, *fields: str, method: str = "GET", version: str = "1.1") -> bytes:
@@ -121,11 +130,6 @@ async def opened(port: int, *keys: str) -> None:
 
 def without_date(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in fields if k != "Date"]
-
-
-@pytest.fixture
-def store(tmp_path) -> LocalBlobStore:
-    return LocalBlobStore(tmp_path / "images", "http://img.example")
 
 
 @pytest.fixture
@@ -453,11 +457,7 @@ async def test_an_app_with_middleware_or_response_hooks_is_plain_aiohttp(store, 
         app.middlewares.append(_closed_after_opening)
     else:
         app.on_response_prepare.append(_hook)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    s = ImageSite(runner, "127.0.0.1", 0)
-    await s.start()
-    try:
+    async with listening(app) as (s, _):
         await opened(s.port, key)
         async with connect(s.port) as conn:
             status, fields, body = await conn.ask(request(url(key)))
@@ -466,23 +466,15 @@ async def test_an_app_with_middleware_or_response_hooks_is_plain_aiohttp(store, 
         else:
             assert (status, body) == (200, data) and ("X-Hook", "1") in fields
         assert app[IMAGE_STATS].fast == 0
-    finally:
-        await runner.cleanup()
 
 
 async def test_an_app_without_images_is_served_by_a_plain_site():
     app = web.Application()
     app.router.add_get("/page", _page)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    s = ImageSite(runner, "127.0.0.1", 0)
-    await s.start()
-    try:
+    async with listening(app) as (s, _):
         async with connect(s.port) as conn:
             assert (await conn.ask(request("/page")))[2] == b"a page"
         assert not s.connections
-    finally:
-        await runner.cleanup()
 
 
 # ---- the parser's choices --------------------------------------------------------------------
